@@ -1,0 +1,213 @@
+"""The ``cnn-codes`` command: backbones, train, export, models, bootstrap, serve.
+
+Heavy imports (torch, onnx, bentoml) happen inside each subcommand, so ``cnn-codes --help`` is
+fast and ``serve`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from cnn_codes.settings import Settings, apply_offline_env
+
+logger = logging.getLogger("cnn_codes")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cmd_backbones(args: argparse.Namespace, settings: Settings) -> int:
+    from models.registry import list_backbones
+
+    rows = [(i.name, i.family, str(i.embedding_dim), str(i.features_dim),
+             str(i.default_input_size), i.embedding_layer) for i in list_backbones()]
+    if args.json:
+        keys = ("name", "family", "embedding_dim", "features_dim", "input_size", "embedding_layer")
+        print(json.dumps([dict(zip(keys, r)) for r in rows], indent=2))
+        return 0
+    header = ("backbone", "family", "embedding D", "features C", "input", "embedding layer")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    overrides = {k: v for k, v in {
+        "data": args.data, "backbone": args.backbone, "weights": args.weights,
+        "mode": args.mode, "epochs": args.epochs, "batch_size": args.batch_size,
+        "optimizer": args.optimizer, "lr": args.lr, "backbone_lr_mult": args.backbone_lr_mult,
+        "augment": args.augment, "input_size": args.input_size, "seed": args.seed,
+        "num_workers": args.num_workers,
+    }.items() if v is not None}
+    if args.resume and "data" not in overrides:
+        overrides["data"] = Path(".")  # replaced by the run's saved config
+    config = TrainConfig(**overrides)
+    history = train(config, args.out, resume=args.resume)
+    last = history[-1]
+    print(json.dumps({"run_dir": str(args.out), "epochs": len(history), **last}))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from export.onnx_export import export_run
+
+    published = export_run(
+        args.run_dir, repository=args.repository or settings.repository,
+        name=args.name or settings.model_name, checkpoint=args.checkpoint,
+        parity_data=args.parity_data, parity_limit=args.parity_limit or None,
+    )
+    card = published.card
+    print(json.dumps({"path": str(published.path), "name": card.name, "version": card.version,
+                      "parity": card.parity.model_dump() if card.parity else None}))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from models.repository import list_models, resolve
+
+    repository = args.repository or settings.repository
+    if args.action == "list":
+        for name, versions in list_models(repository).items():
+            print(f"{name}\t{','.join(map(str, versions))}")
+        return 0
+    if not args.name:
+        raise SystemExit(f"models {args.action}: a model name is required")
+    name, _, version = args.name.partition(":")
+    published = resolve(repository, name, version or "latest")  # verifies the sha256
+    if args.action == "show":
+        print(published.card.model_dump_json(indent=2))
+    else:
+        print(f"OK {name}:{published.card.version} sha256 {published.card.onnx_sha256}")
+    return 0
+
+
+def _cmd_bootstrap(args: argparse.Namespace, settings: Settings) -> int:
+    """Build the default model when the repository has no version of ``model_name``."""
+    from models.repository import list_versions
+
+    if list_versions(settings.repository, settings.model_name) and not args.force:
+        logger.info("model %r already in %s; nothing to build", settings.model_name,
+                    settings.repository)
+        return 0
+    from export.onnx_export import export_run
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    data = settings.sample_data
+    if not (data / "train").is_dir():
+        raise SystemExit(f"sample data not found at {data.resolve()} "
+                         "(set CNN_CODES_SAMPLE_DATA to an ImageFolder with train/ and val/)")
+    run_dir = Path("runs") / f"{settings.model_name}-{settings.default_backbone}"
+    config = TrainConfig(data=data, backbone=settings.default_backbone,
+                         epochs=settings.default_epochs)
+    logger.info("building the default model: %s, %d epochs on %s (random init: ImageNet "
+                "weights cannot be downloaded here) -> %s", config.backbone, config.epochs,
+                data, run_dir)
+    resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    train(config, run_dir, resume=resume)
+    published = export_run(run_dir, repository=settings.repository, name=settings.model_name)
+    logger.info("published %s:%d (val_acc %.3f) at %s", published.card.name,
+                published.card.version, published.card.training.get("val_acc") or 0.0,
+                published.path)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the BentoML service (replaces this process with ``bentoml serve``)."""
+    env = dict(os.environ)
+    env["CNN_CODES_REPOSITORY"] = str((args.repository or settings.repository).resolve())
+    env["CNN_CODES_MODEL_NAME"], _, version = (args.model or settings.model_name).partition(":")
+    if version:
+        env["CNN_CODES_MODEL_VERSION"] = version
+    host, port = args.host or settings.host, args.port if args.port is not None else settings.port
+    # Each instance gets its own BENTOML_HOME: Prometheus' multiprocess directory lives there.
+    env.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="cnn-codes-bentoml-"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    base = f"http://{host}:{port}"
+    logger.info(
+        "serving %s from %s on %s\n  curl -F images=@ant.jpg -F top_k=2 %s/classify\n"
+        "  curl -F images=@ant.jpg -F layer=embedding %s/embed\n  curl %s/metadata",
+        env["CNN_CODES_MODEL_NAME"], env["CNN_CODES_REPOSITORY"], base, base, base, base)
+    argv = [sys.executable, "-m", "bentoml", "serve", "service.service:CNNCodes",
+            "--host", host, "--port", str(port), "--working-dir", str(REPO_ROOT)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(argv[0], argv, env)
+    return 0  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``cnn-codes`` (one subparser per subcommand)."""
+    parser = argparse.ArgumentParser(prog="cnn-codes", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("backbones", help="list registered backbones with their dims")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_backbones)
+
+    p = sub.add_parser("train", help="fine-tune a backbone on an ImageFolder (train/ + val/)")
+    p.add_argument("--data", type=Path, help="ImageFolder root with train/ and val/")
+    p.add_argument("--backbone", help="registry name (default mobilenet_v3_large)")
+    p.add_argument("--weights", help="DEFAULT / IMAGENET1K_V1 / checkpoint path / none")
+    p.add_argument("--mode", choices=["finetune", "feature-extract"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--optimizer", choices=["adamw", "sgd"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--backbone-lr-mult", type=float)
+    p.add_argument("--augment", choices=["none", "light", "standard", "heavy"])
+    p.add_argument("--input-size", type=int, help="input side in pixels (default: weights preset)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="export a run to ONNX, check it, publish it")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--repository", type=Path)
+    p.add_argument("--name")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint file")
+    p.add_argument("--parity-data", type=Path, help="images for the parity check (default <data>/val)")
+    p.add_argument("--parity-limit", type=int, default=64, help="0 = all images")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("models", help="inspect the model repository")
+    p.add_argument("action", choices=["list", "show", "verify"])
+    p.add_argument("name", nargs="?", help="NAME[:VERSION]")
+    p.add_argument("--repository", type=Path)
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("bootstrap", help="build the default model if the repository lacks it")
+    p.add_argument("--force", action="store_true", help="build a new version even if one exists")
+    p.set_defaults(func=_cmd_bootstrap)
+
+    p = sub.add_parser("serve", help="serve HTTP with BentoML")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--repository", type=Path)
+    p.add_argument("--model", help="NAME[:VERSION]")
+    p.set_defaults(func=_cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``cnn-codes``; returns the exit status."""
+    apply_offline_env()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args, Settings()) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""All settings in one pydantic-settings object (environment prefix ``CNN_CODES_``).
+
+Torch-free: the service reads it. Lists are given as JSON in the environment, e.g.
+``CNN_CODES_PROVIDERS='["cuda","cpu"]'``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Provider = Literal["tensorrt", "cuda", "cpu"]
+
+# Environment every entry point sets before importing BentoML / onnxruntime: neither library may
+# reach the internet (BentoML usage tracking, onnxruntime telemetry look-ups).
+OFFLINE_ENV = {"BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1"}
+
+
+def apply_offline_env() -> None:
+    """Set :data:`OFFLINE_ENV` in this process (kept if the user already set them)."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+class Settings(BaseSettings):
+    """cnn-codes settings; every field can be set as ``CNN_CODES_<FIELD>``.
+
+    Attributes:
+        repository: model repository root.
+        model_name: model the service serves.
+        model_version: integer version or ``latest``.
+        sample_data: ImageFolder used to build the default model (``train/`` + ``val/``).
+        default_backbone: backbone of the default model.
+        default_epochs: fine-tuning epochs of the default model.
+        host, port: HTTP bind address (loopback by default).
+        providers: onnxruntime execution providers in order of preference.
+        allow_cpu_fallback: a missing GPU provider is a warning instead of a start-up error.
+        intra_op_threads: onnxruntime intra-op threads; 0 = onnxruntime's default (all cores).
+        max_batch_size: adaptive batching: largest batch, images.
+        max_latency_ms: adaptive batching deadline, ms (generous: overload is bounded by
+            ``max_concurrency`` answering 429, not by 503s).
+        max_concurrency: concurrent requests per API worker before 429.
+        api_workers: API service worker processes.
+        max_images_per_request: images in one request before 413.
+        max_image_pixels: width*height above which an image is refused (decompression bombs).
+        request_timeout_s: per-request timeout, seconds.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CNN_CODES_", extra="ignore")
+
+    repository: Path = Path("model_repository")
+    model_name: str = "default"
+    model_version: str = "latest"
+    sample_data: Path = Path("../shared/data/hymenoptera")
+    default_backbone: str = "mobilenet_v3_large"
+    default_epochs: int = Field(default=6, ge=1)
+    host: str = "127.0.0.1"
+    port: int = Field(default=3000, ge=0, le=65535)
+    providers: list[Provider] = ["cpu"]
+    allow_cpu_fallback: bool = False
+    intra_op_threads: int = Field(default=0, ge=0)
+    max_batch_size: int = Field(default=32, ge=1)
+    max_latency_ms: int = Field(default=30_000, ge=1)
+    max_concurrency: int = Field(default=64, ge=1)
+    api_workers: int = Field(default=1, ge=1)
+    max_images_per_request: int = Field(default=64, ge=1)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    request_timeout_s: int = Field(default=60, ge=1)

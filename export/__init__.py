@@ -1,0 +1,1 @@
+"""Export of training runs to ONNX and publication to the model repository."""

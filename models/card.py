@@ -1,0 +1,109 @@
+"""The model card: everything needed to use an exported model, stored next to the ONNX file.
+
+Torch-free: the service reads it. Written by ``export/``, read by ``service/`` and by batch
+jobs. Layout of a published model (like Triton's model repository)::
+
+    <repository>/<name>/<version>/model.onnx
+    <repository>/<name>/<version>/model_card.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.preprocessing import PreprocessSpec
+
+CARD_FILENAME = "model_card.json"
+ONNX_FILENAME = "model.onnx"
+OUTPUT_NAMES: tuple[str, str, str] = ("logits", "embedding", "features")
+INPUT_NAME = "images"
+
+
+class TensorSpec(BaseModel):
+    """One graph input or output: name, dtype and shape (``-1`` = dynamic batch)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    dtype: Literal["uint8", "float32", "float16"]
+    shape: tuple[int, ...]
+    description: str = ""
+
+
+class ParityReport(BaseModel):
+    """onnxruntime vs torch on the same real images, measured at export time.
+
+    Attributes:
+        n_images: images compared.
+        max_abs_diff: per output name, the max absolute element difference.
+        embedding_cosine_min: smallest cosine similarity of the embeddings (unitless).
+        embedding_cosine_mean: mean cosine similarity of the embeddings.
+        top1_agreement: fraction of images whose arg-max class agrees.
+        source: where the images came from.
+    """
+
+    n_images: int
+    max_abs_diff: dict[str, float]
+    embedding_cosine_min: float
+    embedding_cosine_mean: float
+    top1_agreement: float
+    source: str
+
+
+class ModelCard(BaseModel):
+    """Self-description of an exported CNN-codes model (JSON next to ``model.onnx``).
+
+    The input is ``images`` uint8 ``(N, S, S, 3)`` RGB with ``S = preprocessing.crop_size``;
+    outputs are ``logits (N, K)``, ``embedding (N, D)`` (penultimate layer) and
+    ``features (N, C)`` (globally average-pooled conv output), all float32.
+    """
+
+    schema_version: Literal[1] = 1
+    name: str
+    version: int = Field(ge=1)
+    backbone: str
+    weights_source: str
+    class_names: list[str]
+    preprocessing: PreprocessSpec
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    opset: int
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    onnx_sha256: str
+    onnx_bytes: int
+    training: dict[str, float | int | str | None] = Field(default_factory=dict)
+    parity: ParityReport | None = None
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+    def output(self, name: str) -> TensorSpec:
+        """The output called ``name``.
+
+        Raises:
+            KeyError: no such output.
+        """
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"model has no output {name!r}; outputs: {[o.name for o in self.outputs]}")
+
+    def dim(self, name: str) -> int:
+        """Width of a 2-D output (``K``, ``D`` or ``C``)."""
+        return self.output(name).shape[-1]
+
+    def public(self) -> dict:
+        """The part shown to clients by ``GET /metadata`` (JSON-serialisable)."""
+        return self.model_dump(mode="json")
+
+
+def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in ``chunk_bytes`` pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,165 @@
+"""Versioned model repository: ``<repository>/<name>/<version>/{model.onnx,model_card.json}``.
+
+Torch-free (the service uses it). Versions are positive integers, as in Triton's model
+repository. Publishing is atomic: files are written into a hidden staging folder inside
+``<repository>/<name>/`` and the folder is renamed into place, so a half-written version is
+never visible to a reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.card import CARD_FILENAME, ONNX_FILENAME, ModelCard, sha256_file
+
+logger = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(LookupError):
+    """No such model name or version in the repository."""
+
+
+class ModelIntegrityError(ValueError):
+    """A published version's card is missing/invalid or its ONNX file does not match the card."""
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    """A verified model version: where its files are and its card."""
+
+    path: Path
+    card: ModelCard
+
+    @property
+    def onnx_path(self) -> Path:
+        """Path of ``model.onnx``."""
+        return self.path / ONNX_FILENAME
+
+
+def list_versions(repository: str | Path, name: str) -> list[int]:
+    """Published versions of ``name``, ascending; hidden staging folders are ignored."""
+    root = Path(repository) / name
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def list_models(repository: str | Path) -> dict[str, list[int]]:
+    """Every model name in the repository with its published versions."""
+    root = Path(repository)
+    if not root.is_dir():
+        return {}
+    found = {p.name: list_versions(root, p.name) for p in sorted(root.iterdir()) if p.is_dir()}
+    return {name: versions for name, versions in found.items() if versions}
+
+
+def resolve(repository: str | Path, name: str, version: int | str = "latest") -> PublishedModel:
+    """Find, load and verify one model version.
+
+    Args:
+        repository: model repository root.
+        name: model name.
+        version: an integer version or ``"latest"`` (highest published).
+
+    Returns:
+        The verified model.
+
+    Raises:
+        ModelNotFoundError: unknown name or version.
+        ModelIntegrityError: the card is invalid, names another model, or the sha256 differs.
+    """
+    versions = list_versions(repository, name)
+    if not versions:
+        raise ModelNotFoundError(f"no published versions of model {name!r} in {repository}")
+    chosen = versions[-1] if str(version) == "latest" else int(version)
+    if chosen not in versions:
+        raise ModelNotFoundError(f"model {name!r} has no version {chosen}; versions: {versions}")
+    path = Path(repository) / name / str(chosen)
+    return verify(path, expected_name=name, expected_version=chosen)
+
+
+def verify(
+    path: str | Path, *, expected_name: str | None = None, expected_version: int | None = None
+) -> PublishedModel:
+    """Check a version folder: card parses, names match, ONNX sha256 and size match the card.
+
+    Raises:
+        ModelIntegrityError: with the reason.
+    """
+    path = Path(path)
+    card_path, onnx_path = path / CARD_FILENAME, path / ONNX_FILENAME
+    if not card_path.is_file() or not onnx_path.is_file():
+        raise ModelIntegrityError(f"{path} lacks {CARD_FILENAME} or {ONNX_FILENAME}")
+    try:
+        card = ModelCard.model_validate_json(card_path.read_bytes())
+    except ValueError as exc:
+        raise ModelIntegrityError(f"invalid model card {card_path}: {exc}") from None
+    if expected_name is not None and card.name != expected_name:
+        raise ModelIntegrityError(f"{card_path} names model {card.name!r}, not {expected_name!r}")
+    if expected_version is not None and card.version != expected_version:
+        raise ModelIntegrityError(
+            f"{card_path} says version {card.version}, folder says {expected_version}"
+        )
+    digest = sha256_file(onnx_path)
+    if digest != card.onnx_sha256:
+        raise ModelIntegrityError(
+            f"{onnx_path} sha256 {digest} does not match the card's {card.onnx_sha256}"
+        )
+    return PublishedModel(path=path, card=card)
+
+
+def publish(
+    repository: str | Path, card: ModelCard, onnx_file: str | Path, *, max_attempts: int = 100
+) -> PublishedModel:
+    """Publish an ONNX file and its card as the next version of ``card.name``, atomically.
+
+    The card's ``version`` is replaced by the version actually taken (highest + 1). Concurrent
+    publishers each get their own version: ``os.rename`` of a folder onto an existing one fails.
+
+    Args:
+        repository: model repository root (created if missing).
+        card: the card to write; ``onnx_sha256``/``onnx_bytes`` must describe ``onnx_file``.
+        onnx_file: the exported model file (copied, not moved).
+
+    Returns:
+        The published, verified model.
+
+    Raises:
+        ModelIntegrityError: the ONNX file does not match the card.
+        RuntimeError: no free version after ``max_attempts`` tries.
+    """
+    if sha256_file(onnx_file) != card.onnx_sha256:
+        raise ModelIntegrityError(f"{onnx_file} does not match the card's sha256")
+    root = Path(repository) / card.name
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".staging-{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        shutil.copyfile(onnx_file, staging / ONNX_FILENAME)
+        for _ in range(max_attempts):
+            version = (list_versions(repository, card.name) or [0])[-1] + 1
+            final = card.model_copy(update={"version": version})
+            (staging / CARD_FILENAME).write_text(final.model_dump_json(indent=2))
+            _fsync_dir_files(staging)
+            try:
+                os.rename(staging, root / str(version))
+            except OSError:
+                continue  # another publisher took this version; try the next one
+            logger.info("published %s version %d to %s", card.name, version, repository)
+            return verify(root / str(version), expected_name=card.name, expected_version=version)
+        raise RuntimeError(f"could not find a free version for {card.name} in {repository}")
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync_dir_files(folder: Path) -> None:
+    """Flush every file in ``folder`` to disk before it is renamed into view."""
+    for child in folder.iterdir():
+        with open(child, "rb") as handle:
+            os.fsync(handle.fileno())

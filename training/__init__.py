@@ -1,0 +1,1 @@
+"""Fine-tuning of registry backbones on ImageFolder data (see :mod:`training.trainer`)."""
