@@ -36,6 +36,7 @@ from starlette.routing import Route  # noqa: E402
 from models.card import ModelCard  # noqa: E402
 from service import metrics  # noqa: E402
 from service.decode import DecodedBatch, decode_images  # noqa: E402
+from service.middleware import ErrorEnvelopeMiddleware  # noqa: E402
 from service.schemas import (ClassifyItem, ClassifyResponse, ClassScore, EmbedItem,  # noqa: E402
                              EmbedResponse, Layer, ModelRef)
 
@@ -234,3 +235,6 @@ class CNNCodes:
                              error=decoded.errors.get(i)) for i, path in enumerate(images)]
         return EmbedResponse(model=self.model_ref, layer=layer, dim=self.card.dim(layer),
                              normalized=normalize, results=results)
+
+
+CNNCodes.add_asgi_middleware(ErrorEnvelopeMiddleware)
