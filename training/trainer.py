@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -54,10 +55,20 @@ def _param_groups(model: CNNCodeModel, config: TrainConfig) -> list[dict[str, An
         groups.setdefault(key, []).append(param)
     return [
         {"params": params,
-         "lr": config.lr * (1.0 if is_head else config.backbone_lr_mult),
+         "base_lr": config.lr * (1.0 if is_head else config.backbone_lr_mult),
          "weight_decay": 0.0 if no_decay else config.weight_decay}
         for (is_head, no_decay), params in sorted(groups.items())
     ]
+
+
+def cosine_factor(epoch: int, epochs: int) -> float:
+    """Cosine learning-rate schedule (Loshchilov & Hutter, SGDR, 2017) without restarts, in
+    closed form: 1.0 at epoch 1, decaying towards 0 at ``epochs + 1``.
+
+    Closed form (not a stateful scheduler) so a resumed run, even with more ``epochs``, gets
+    exactly the rate an uninterrupted run of that length would.
+    """
+    return 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
 
 
 def _make_model(config: TrainConfig, num_classes: int) -> CNNCodeModel:
@@ -82,11 +93,22 @@ def _atomic_save(obj: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _set_train_mode(model: nn.Module, training: bool) -> None:
+    """``model.train(training)``, but frozen BatchNorm layers stay in eval mode, so a frozen
+    backbone's running statistics do not drift (feature-extraction mode)."""
+    model.train(training)
+    if training:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in module.parameters()):
+                module.eval()
+
+
 def _run_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
                optimizer: torch.optim.Optimizer | None, desc: str) -> tuple[float, float]:
     """One pass; trains when ``optimizer`` is given. Returns (mean loss, accuracy)."""
     training = optimizer is not None
-    model.train(training)
+    _set_train_mode(model, training)
     total_loss, correct, seen = 0.0, 0, 0
     with torch.set_grad_enabled(training):
         bar = tqdm(loader, desc=desc, leave=False, unit="batch", disable=None)
@@ -97,7 +119,7 @@ def _run_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            total_loss += float(loss) * len(targets)
+            total_loss += float(loss.detach()) * len(targets)
             correct += int((logits.argmax(1) == targets).sum())
             seen += len(targets)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}")
@@ -138,6 +160,7 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> list[d
     if config.input_size is not None:
         spec = spec.with_crop_size(config.input_size)
     train_set, val_set = image_folders(config.data, spec, config.augment)
+    torch.manual_seed(config.seed)  # the random initialisation (head, or all without weights)
     model = _make_model(config, len(train_set.classes))
     optimizer: torch.optim.Optimizer
     if config.optimizer == "sgd":
@@ -145,7 +168,6 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> list[d
                                     momentum=config.momentum, nesterov=True)
     else:
         optimizer = torch.optim.AdamW(_param_groups(model, config), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     history: list[dict[str, Any]] = []
@@ -154,7 +176,6 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> list[d
         state = torch.load(existing[-1], map_location="cpu", weights_only=True)
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
-        scheduler.load_state_dict(state["scheduler_state"])
         history, best_acc = list(state["history"]), float(state["best_val_acc"])
         start_epoch = int(state["epoch"]) + 1
         logger.info("resuming %s at epoch %d", run_dir, start_epoch)
@@ -167,12 +188,14 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> list[d
         generator = _seed_epoch(config.seed, epoch)
         train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
                                   generator=generator, num_workers=config.num_workers)
-        lr = optimizer.param_groups[-1]["lr"]
+        factor = cosine_factor(epoch, config.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        lr = config.lr * factor
         train_loss, train_acc = _run_epoch(model, train_loader, criterion, optimizer,
                                            f"epoch {epoch}/{config.epochs} train")
         val_loss, val_acc = _run_epoch(model, val_loader, criterion, None,
                                        f"epoch {epoch}/{config.epochs} val")
-        scheduler.step()
         row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                "val_loss": val_loss, "val_acc": val_acc,
                "seconds": round(time.perf_counter() - started, 3), "lr": lr}
@@ -186,7 +209,6 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> list[d
             "preprocessing": spec.model_dump(mode="json"),
             "model_state": model.state_dict(),
             "optimizer_state": optimizer.state_dict(),
-            "scheduler_state": scheduler.state_dict(),
             "history": history,
             "best_val_acc": best_acc,
         }

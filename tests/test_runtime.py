@@ -1,0 +1,71 @@
+"""Execution provider selection (no GPU needed) and the torch-free serving path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, base_env
+from models.card import ModelCard
+from service.runtime import (OnnxEncoder, ProviderUnavailableError, select_providers,
+                             split_outputs)
+
+CPU_ONLY = ["AzureExecutionProvider", "CPUExecutionProvider"]
+GPU_BOX = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_cpu_is_always_last():
+    assert select_providers(["cpu"], CPU_ONLY) == ["CPUExecutionProvider"]
+    assert select_providers(["cpu", "cuda"], GPU_BOX) == ["CUDAExecutionProvider",
+                                                          "CPUExecutionProvider"]
+
+
+def test_gpu_order_is_kept_when_available():
+    assert select_providers(["tensorrt", "cuda"], GPU_BOX) == GPU_BOX
+    assert select_providers(["cuda", "tensorrt"], GPU_BOX) == [
+        "CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_missing_gpu_provider_is_an_error_by_default():
+    with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider"):
+        select_providers(["cuda"], CPU_ONLY)
+
+
+def test_missing_gpu_provider_with_fallback_warns(caplog):
+    assert select_providers(["tensorrt", "cuda"], CPU_ONLY, allow_cpu_fallback=True) == [
+        "CPUExecutionProvider"]
+    assert "TensorrtExecutionProvider is not available" in caplog.text
+
+
+def test_unknown_provider_name():
+    with pytest.raises(ValueError, match="known"):
+        select_providers(["tpu"], GPU_BOX)
+
+
+def test_session_reports_what_it_got(published):
+    card = ModelCard.model_validate_json((published["path"] / "model_card.json").read_text())
+    encoder = OnnxEncoder.create(str(published["path"] / "model.onnx"), card, providers=["cpu"])
+    assert encoder.provider == "CPUExecutionProvider"
+    packed = encoder.run(np.zeros((3, 224, 224, 3), np.uint8))
+    parts = split_outputs(packed, card)
+    assert {k: v.shape for k, v in parts.items()} == {
+        "logits": (3, 2), "embedding": (3, 1024), "features": (3, 576)}
+    with pytest.raises(ValueError, match="uint8"):
+        encoder.run(np.zeros((1, 224, 224, 3), np.float32))
+    with pytest.raises(ProviderUnavailableError):
+        import onnxruntime as ort
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            pytest.skip("this machine has CUDA: the error path cannot be shown here")
+        OnnxEncoder.create(str(published["path"] / "model.onnx"), card, providers=["cuda"])
+
+
+def test_serving_imports_no_torch():
+    code = ("import sys, service.service, service.runtime, service.decode, models.repository; "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=base_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
