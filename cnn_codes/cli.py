@@ -45,7 +45,7 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         "mode": args.mode, "epochs": args.epochs, "batch_size": args.batch_size,
         "optimizer": args.optimizer, "lr": args.lr, "backbone_lr_mult": args.backbone_lr_mult,
         "augment": args.augment, "input_size": args.input_size, "seed": args.seed,
-        "num_workers": args.num_workers,
+        "num_workers": args.num_workers, "bn_momentum": args.bn_momentum,
     }.items() if v is not None}
     if args.resume and "data" not in overrides:
         overrides["data"] = Path(".")  # replaced by the run's saved config
@@ -107,7 +107,7 @@ def _cmd_bootstrap(args: argparse.Namespace, settings: Settings) -> int:
                          "(set CNN_CODES_SAMPLE_DATA to an ImageFolder with train/ and val/)")
     run_dir = Path("runs") / f"{settings.model_name}-{settings.default_backbone}"
     config = TrainConfig(data=data, backbone=settings.default_backbone,
-                         epochs=settings.default_epochs)
+                         epochs=settings.default_epochs, lr=settings.default_lr)
     logger.info("building the default model: %s, %d epochs on %s (random init: ImageNet "
                 "weights cannot be downloaded here) -> %s", config.backbone, config.epochs,
                 data, run_dir)
@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, help="input side in pixels (default: weights preset)")
     p.add_argument("--seed", type=int)
     p.add_argument("--num-workers", type=int)
+    p.add_argument("--bn-momentum", type=float, help="BatchNorm momentum (default: see docs)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.set_defaults(func=_cmd_train)

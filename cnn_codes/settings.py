@@ -36,6 +36,8 @@ class Settings(BaseSettings):
         sample_data: ImageFolder used to build the default model (``train/`` + ``val/``).
         default_backbone: backbone of the default model.
         default_epochs: fine-tuning epochs of the default model.
+        default_lr: head learning rate of the default model (random init needs more than
+            the small rates that suit pretrained weights).
         host, port: HTTP bind address (loopback by default).
         providers: onnxruntime execution providers in order of preference.
         allow_cpu_fallback: a missing GPU provider is a warning instead of a start-up error.
@@ -57,7 +59,8 @@ class Settings(BaseSettings):
     model_version: str = "latest"
     sample_data: Path = Path("../shared/data/hymenoptera")
     default_backbone: str = "mobilenet_v3_large"
-    default_epochs: int = Field(default=6, ge=1)
+    default_epochs: int = Field(default=15, ge=1)
+    default_lr: float = Field(default=3e-3, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(default=3000, ge=0, le=65535)
     providers: list[Provider] = ["cpu"]

@@ -30,6 +30,11 @@ class TrainConfig(BaseModel):
         augment: train-time augmentation preset.
         input_size: model input side in pixels; None = the weights' preset crop size.
         label_smoothing: cross-entropy label smoothing in [0, 1).
+        bn_momentum: BatchNorm running-statistics momentum. None keeps the backbone's own
+            when starting from pretrained weights and uses PyTorch's 0.1 from random
+            initialisation: torchvision's MobileNetV3 uses 0.01, whose running statistics are
+            still far from the data after a few hundred steps, so eval-mode outputs collapse
+            to one class (measured on the sample data: val accuracy stuck at 0.542).
         seed: seeds torch and Python; epoch ``e`` reseeds with ``seed + e`` so a resumed run
             repeats exactly what an uninterrupted one does.
         num_workers: DataLoader worker processes (0 = load in the training process).
@@ -51,5 +56,6 @@ class TrainConfig(BaseModel):
     augment: Literal["none", "light", "standard", "heavy"] = "standard"
     input_size: int | None = Field(default=None, ge=32)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    bn_momentum: float | None = Field(default=None, gt=0, le=1)
     seed: int = 0
     num_workers: int = Field(default=0, ge=0)

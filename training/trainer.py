@@ -73,6 +73,13 @@ def cosine_factor(epoch: int, epochs: int) -> float:
 
 def _make_model(config: TrainConfig, num_classes: int) -> CNNCodeModel:
     model = build_backbone(config.backbone, weights=config.weights, num_classes=num_classes)
+    momentum = config.bn_momentum
+    if momentum is None and (config.weights is None or str(config.weights).lower() == "none"):
+        momentum = 0.1
+    if momentum is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = momentum
     if config.mode == "feature-extract":
         for param in model.parameters():
             param.requires_grad = False
