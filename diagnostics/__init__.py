@@ -1,0 +1,9 @@
+"""Model diagnostics from the CNN course notes: layer summary (output sizes, parameters,
+multiply-accumulates), dead units of the embedding layer, and headless matplotlib plots
+(learning curves, first-layer filters, weight histograms, augmentation grids).
+
+Modules:
+    :mod:`diagnostics.summary`: Keras-style per-layer table with analytic output shapes.
+    :mod:`diagnostics.dead_units`: fraction of embedding units that never fire.
+    :mod:`diagnostics.plots`: PNG figures (matplotlib, Agg canvas; no display needed).
+"""
