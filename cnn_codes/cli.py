@@ -36,23 +36,69 @@ def _cmd_backbones(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+_TRAIN_FIELDS = (
+    "data", "backbone", "weights", "mode", "unfreeze_after", "epochs", "batch_size",
+    "optimizer", "lr", "backbone_lr_mult", "momentum", "weight_decay", "schedule",
+    "warmup_epochs", "label_smoothing", "class_weights", "grad_clip_norm",
+    "early_stopping_patience", "early_stopping_metric", "early_stopping_min_delta", "augment",
+    "input_size", "bn_momentum", "seed", "device", "amp", "deterministic", "num_workers",
+)
+
+
 def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    from training.config import TrainConfig
+    """Defaults < ``--config FILE`` (YAML/JSON) < flags given on the command line."""
+    from training.config import TrainConfig, load_config_file
     from training.trainer import train
 
-    overrides = {k: v for k, v in {
-        "data": args.data, "backbone": args.backbone, "weights": args.weights,
-        "mode": args.mode, "epochs": args.epochs, "batch_size": args.batch_size,
-        "optimizer": args.optimizer, "lr": args.lr, "backbone_lr_mult": args.backbone_lr_mult,
-        "augment": args.augment, "input_size": args.input_size, "seed": args.seed,
-        "num_workers": args.num_workers, "bn_momentum": args.bn_momentum,
-    }.items() if v is not None}
-    if args.resume and "data" not in overrides:
+    overrides = {k: getattr(args, k) for k in _TRAIN_FIELDS if getattr(args, k) is not None}
+    from_file = load_config_file(args.config) if args.config else {}
+    if args.resume and "data" not in overrides and "data" not in from_file:
         overrides["data"] = Path(".")  # replaced by the run's saved config
-    config = TrainConfig(**overrides)
+    config = TrainConfig(**(from_file | overrides))
     history = train(config, args.out, resume=args.resume)
     last = history[-1]
-    print(json.dumps({"run_dir": str(args.out), "epochs": len(history), **last}))
+    print(json.dumps({"run_dir": str(args.out), "epochs": len(history),
+                      "best_val_acc": max(r["val_acc"] for r in history), **last}))
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace, settings: Settings) -> int:
+    """Keras-style per-layer table of a backbone (analytic output shapes, params, MACs)."""
+    from diagnostics.summary import summarize
+    from models.registry import build_backbone, get_backbone_info
+
+    info = get_backbone_info(args.backbone)
+    model = build_backbone(args.backbone, num_classes=args.num_classes)
+    if args.mode == "feature-extract":  # what training freezes: all but the final Linear
+        head = {id(p) for p in model.classifier_layer.parameters()}
+        for param in model.parameters():
+            param.requires_grad = id(param) in head
+    summary = summarize(model, args.input_size or info.default_input_size)
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.to_text())
+    return 0
+
+
+def _cmd_viz(args: argparse.Namespace, settings: Settings) -> int:
+    """Diagnostic PNGs: learning curves, first-layer filters, weight histograms, augmentation."""
+    from diagnostics import viz
+
+    if args.figure == "curves":
+        out = args.out or args.run_dirs[0] / "curves.png"
+        labels = args.labels.split(",") if args.labels else None
+        path = viz.curves(args.run_dirs, out, labels, title=args.title)
+    elif args.figure == "filters":
+        out = args.out or args.run_dir / f"filters_{args.mode}.png"
+        path = viz.filters(args.run_dir, out, checkpoint=args.checkpoint, mode=args.mode)
+    elif args.figure == "weights":
+        out = args.out or args.run_dir / "weights.png"
+        path = viz.weights(args.run_dir, out, pattern=args.layers, max_layers=args.max_layers,
+                           bins=args.bins, include_init=not args.no_init)
+    else:
+        out = args.out or Path("augment.png")
+        path = viz.augment(args.data or settings.sample_data, out, backbone=args.backbone,
+                           input_size=args.input_size, presets=args.preset or ["light", "heavy"],
+                           n_images=args.images, n_samples=args.samples, seed=args.seed)
+    print(json.dumps({"figure": args.figure, "png": str(path)}))
     return 0
 
 
@@ -154,24 +200,87 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_backbones)
 
-    p = sub.add_parser("train", help="fine-tune a backbone on an ImageFolder (train/ + val/)")
+    p = sub.add_parser(
+        "train", help="fine-tune a backbone on an ImageFolder (train/ + val/)",
+        description="Fine-tune a registry backbone. Settings: defaults < --config FILE < flags; "
+                    "the resolved config is written to OUT/config.json and OUT/config.yaml. "
+                    "Field meanings: training/config.py (TrainConfig).")
+    p.add_argument("--config", type=Path, help="YAML/JSON file of TrainConfig fields")
     p.add_argument("--data", type=Path, help="ImageFolder root with train/ and val/")
     p.add_argument("--backbone", help="registry name (default mobilenet_v3_large)")
-    p.add_argument("--weights", help="DEFAULT / IMAGENET1K_V1 / checkpoint path / none")
+    p.add_argument("--weights", help="DEFAULT / IMAGENET1K_V1 (from $TORCH_HOME) / "
+                                     "checkpoint path / none")
     p.add_argument("--mode", choices=["finetune", "feature-extract"])
+    p.add_argument("--unfreeze-after", type=int, metavar="N",
+                   help="feature-extract: unfreeze the backbone after N epochs")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--optimizer", choices=["adamw", "sgd"])
-    p.add_argument("--lr", type=float)
-    p.add_argument("--backbone-lr-mult", type=float)
+    p.add_argument("--lr", type=float, help="head learning rate")
+    p.add_argument("--backbone-lr-mult", type=float, help="backbone lr = lr x this")
+    p.add_argument("--momentum", type=float, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, help="not applied to norms and biases")
+    p.add_argument("--schedule", choices=["cosine", "constant"])
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up length (fractions ok)")
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--class-weights", choices=["none", "balanced"])
+    p.add_argument("--grad-clip-norm", type=float, help="clip the global gradient L2 norm")
+    p.add_argument("--early-stopping-patience", type=int, metavar="EPOCHS")
+    p.add_argument("--early-stopping-metric", choices=["val_loss", "val_acc"])
+    p.add_argument("--early-stopping-min-delta", type=float)
     p.add_argument("--augment", choices=["none", "light", "standard", "heavy"])
     p.add_argument("--input-size", type=int, help="input side in pixels (default: weights preset)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-workers", type=int)
     p.add_argument("--bn-momentum", type=float, help="BatchNorm momentum (default: see docs)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision on CUDA (default on; ignored on the CPU)")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="cuDNN deterministic kernels on CUDA")
+    p.add_argument("--num-workers", type=int)
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("summary", help="per-layer table: output shapes, parameters, MACs")
+    p.add_argument("backbone", help="registry name")
+    p.add_argument("--input-size", type=int, help="input side S (default: weights preset)")
+    p.add_argument("--num-classes", type=int, default=1000, help="K of the head")
+    p.add_argument("--mode", choices=["finetune", "feature-extract"], default="finetune",
+                   help="which parameters are trainable")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("viz", help="diagnostic PNGs (curves, filters, weights, augment)")
+    figures = p.add_subparsers(dest="figure", required=True)
+    f = figures.add_parser("curves", help="loss/accuracy/dead units/lr per epoch")
+    f.add_argument("run_dirs", type=Path, nargs="+")
+    f.add_argument("--labels", help="comma-separated legend labels, one per run")
+    f.add_argument("--title")
+    f.add_argument("--out", type=Path, help="PNG (default RUN_DIR/curves.png)")
+    f = figures.add_parser("filters", help="first convolution's kernels as an image grid")
+    f.add_argument("run_dir", type=Path)
+    f.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint file")
+    f.add_argument("--mode", choices=["rgb", "gray"], default="rgb")
+    f.add_argument("--out", type=Path, help="PNG (default RUN_DIR/filters_MODE.png)")
+    f = figures.add_parser("weights", help="per-layer weight histograms across epochs")
+    f.add_argument("run_dir", type=Path)
+    f.add_argument("--layers", help="regular expression over state-dict keys")
+    f.add_argument("--max-layers", type=int, default=9)
+    f.add_argument("--bins", type=int, default=60)
+    f.add_argument("--no-init", action="store_true", help="leave out epoch 0 (initialisation)")
+    f.add_argument("--out", type=Path, help="PNG (default RUN_DIR/weights.png)")
+    f = figures.add_parser("augment", help="augmented training photos per preset")
+    f.add_argument("--data", type=Path, help="ImageFolder root (default: the sample data)")
+    f.add_argument("--backbone", default="mobilenet_v3_small")
+    f.add_argument("--input-size", type=int)
+    f.add_argument("--preset", action="append", choices=["none", "light", "standard", "heavy"],
+                   help="repeatable (default: light and heavy)")
+    f.add_argument("--images", type=int, default=2)
+    f.add_argument("--samples", type=int, default=6)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", type=Path, help="PNG (default ./augment.png)")
+    p.set_defaults(func=_cmd_viz)
 
     p = sub.add_parser("export", help="export a run to ONNX, check it, publish it")
     p.add_argument("run_dir", type=Path)

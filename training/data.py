@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from models.preprocessing import PreprocessSpec, load_rgb, preprocess_file
+
+PRESETS = ("none", "light", "standard", "heavy")
+"""Augmentation presets of :func:`train_transform`, weakest first."""
 
 _INTERPOLATION = {
     "nearest": v2.InterpolationMode.NEAREST,
@@ -105,3 +108,50 @@ def image_folders(
     if train.classes != val.classes:
         raise ValueError(f"train classes {train.classes} differ from val classes {val.classes}")
     return train, val
+
+
+def augmentation_samples(
+    root: Path, spec: PreprocessSpec, presets: Sequence[str], *, n_images: int = 2,
+    n_samples: int = 6, seed: int = 0,
+) -> list[tuple[str, np.ndarray, list[torch.Tensor]]]:
+    """Augmented views of real training photos, for looking at (``cnn-codes viz augment``).
+
+    Images are taken from ``root/train``, alternating between classes (first files in sorted
+    order), so the grid shows every class.
+
+    Args:
+        root: ImageFolder root (``train/<class>/*``).
+        spec: the model's preprocessing spec (input size, mean/std).
+        presets: augmentation presets (:data:`PRESETS`).
+        n_images: photos to show.
+        n_samples: augmented draws per photo and preset.
+        seed: ``torch.manual_seed`` before each (photo, preset) row, so rows are reproducible.
+
+    Returns:
+        ``(label, eval view (S, S, 3) uint8, [n_samples x (3, S, S) float32 normalised])`` per
+        (photo, preset), photos outermost.
+
+    Raises:
+        FileNotFoundError: no ``root/train``.
+        ValueError: unknown preset.
+    """
+    train = datasets.ImageFolder(str(Path(root) / "train"), loader=_load_rgb_file)
+    by_class: dict[int, list[str]] = {}
+    for path, target in train.samples:
+        by_class.setdefault(target, []).append(path)
+    picks: list[tuple[str, int]] = []
+    for i in range(n_images):
+        target = sorted(by_class)[i % len(by_class)]
+        paths = by_class[target]
+        picks.append((paths[(i // len(by_class)) % len(paths)], target))
+    rows = []
+    for path, target in picks:
+        image = _load_rgb_file(path)
+        view = preprocess_file(path, spec=spec)
+        for preset in presets:
+            transform = train_transform(spec, preset)
+            torch.manual_seed(seed)
+            samples = [transform(image) for _ in range(n_samples)]
+            rows.append((f"{train.classes[target]}\n{Path(path).stem[:12]}\n{preset}", view,
+                         samples))
+    return rows

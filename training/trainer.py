@@ -213,7 +213,16 @@ def _set_backbone_frozen(model: CNNCodeModel, frozen: bool) -> None:
         param.requires_grad = (not frozen) or id(param) in head_ids
 
 
-def _make_model(config: TrainConfig, num_classes: int) -> CNNCodeModel:
+def make_model(config: TrainConfig, num_classes: int) -> CNNCodeModel:
+    """The model a run starts from: ``config.weights`` (or random init), a new K-way head,
+    BatchNorm momentum per ``config.bn_momentum``, the backbone frozen for feature-extract.
+
+    The trainer calls it right after ``torch.manual_seed(config.seed)``; doing the same
+    reproduces a run's initial weights exactly (:func:`initial_state`).
+
+    Raises:
+        models.registry.WeightsNotFoundError: the weights are not available locally.
+    """
     model = build_backbone(config.backbone, weights=config.weights, num_classes=num_classes)
     momentum = config.bn_momentum
     if momentum is None and (config.weights is None or str(config.weights).lower() == "none"):
@@ -224,6 +233,16 @@ def _make_model(config: TrainConfig, num_classes: int) -> CNNCodeModel:
                 module.momentum = momentum
     _set_backbone_frozen(model, backbone_frozen(config, 1))
     return model
+
+
+def initial_state(config: TrainConfig, num_classes: int) -> dict[str, torch.Tensor]:
+    """The state dict a run had before its first step (reproduced from its seed, on the CPU).
+
+    Raises:
+        models.registry.WeightsNotFoundError: the run's weights are no longer available.
+    """
+    torch.manual_seed(config.seed)
+    return make_model(config, num_classes).state_dict()
 
 
 def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
@@ -388,7 +407,7 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> list[d
     train_set, val_set = image_folders(config.data, spec, config.augment)
     num_classes = len(train_set.classes)
     torch.manual_seed(config.seed)  # the random initialisation (head, or all without weights)
-    model = _make_model(config, num_classes).to(device)
+    model = make_model(config, num_classes).to(device)
     optimizer: torch.optim.Optimizer
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(_param_groups(model, config), lr=config.lr,
