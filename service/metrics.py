@@ -11,8 +11,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 IMAGES = Counter(
-    "cnn_codes_images", "Images processed, by endpoint and outcome (ok | error).",
-    ["endpoint", "outcome"])
+    "cnn_codes_images",
+    "Images processed, by endpoint, protocol (http | grpc) and outcome (ok | error).",
+    ["endpoint", "protocol", "outcome"])
 DECODE_ERRORS = Counter(
     "cnn_codes_decode_errors", "Images refused while decoding, by error code.", ["code"])
 DECODE_SECONDS = Histogram(

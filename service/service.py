@@ -35,8 +35,10 @@ from starlette.routing import Route  # noqa: E402
 
 from models.card import ModelCard  # noqa: E402
 from service import metrics  # noqa: E402
-from service.decode import DecodedBatch, decode_images  # noqa: E402
 from service.middleware import ErrorEnvelopeMiddleware  # noqa: E402
+from service.pipeline import (EmptyRequest, InferencePipeline, PipelineResult,  # noqa: E402
+                              RequestTooLarge, l2_normalize, softmax)
+from service.pipeline import top_k as top_k_indices  # noqa: E402
 from service.schemas import (ClassifyItem, ClassifyResponse, ClassScore, EmbedItem,  # noqa: E402
                              EmbedResponse, Layer, ModelRef)
 
@@ -140,6 +142,9 @@ class CNNCodes:
         self.card: ModelCard = _load_card(self.settings).card
         self.model_ref = ModelRef(name=self.card.name, version=self.card.version,
                                   backbone=self.card.backbone)
+        # the dependency's client methods exist only once the worker runs: resolve per call
+        self.pipeline = InferencePipeline(
+            self.card, self.settings, lambda batch: self.encoder.to_async.encode(batch))
         self._ready = False
 
     async def __is_ready__(self) -> bool:
@@ -149,8 +154,6 @@ class CNNCodes:
         return self._ready
 
     async def _canary(self) -> bool:
-        from service.runtime import split_outputs
-
         try:
             ref = await self.encoder.to_async.model_ref()
             if (ref["name"], int(ref["version"])) != (self.card.name, self.card.version):
@@ -158,37 +161,22 @@ class CNNCodes:
                              self.card.version)
                 return False
             size = self.card.preprocessing.crop_size
-            packed = await self.encoder.to_async.encode(np.zeros((1, size, size, 3), np.uint8))
-            split_outputs(np.asarray(packed), self.card)
+            await self.pipeline.encode_arrays(np.zeros((1, size, size, 3), np.uint8))
         except Exception:  # any failure means "not ready yet"; logged for operators
             logger.exception("canary inference failed")
             return False
         return True
 
-    async def _infer(self, endpoint: str, images: list[Path]
-                     ) -> tuple[DecodedBatch, dict[str, np.ndarray] | None]:
-        """Decode each image, run the decodable ones through the Encoder in chunks."""
-        from service.runtime import split_outputs
-
-        if not images:
-            raise NoImages("no images: send one or more files in the multipart field 'images'")
-        limit = self.settings.max_images_per_request
-        if len(images) > limit:
-            raise TooManyImages(f"{len(images)} images in one request; the limit is {limit}")
-        metrics.REQUEST_IMAGES.labels(endpoint=endpoint).observe(len(images))
+    async def _run(self, endpoint: str, images: list[Path]) -> PipelineResult:
+        """Read the uploaded files and run them through the shared pipeline."""
+        try:
+            self.pipeline.check_count(len(images))
+        except EmptyRequest as exc:
+            raise NoImages(f"{exc}: multipart field 'images'") from None
+        except RequestTooLarge as exc:
+            raise TooManyImages(str(exc)) from None
         payloads = await asyncio.to_thread(lambda: [p.read_bytes() for p in images])
-        decoded = await asyncio.to_thread(decode_images, payloads, self.card.preprocessing,
-                                          max_pixels=self.settings.max_image_pixels)
-        outputs = None
-        if len(decoded.arrays):
-            step = self.settings.max_batch_size
-            chunks = [decoded.arrays[i:i + step] for i in range(0, len(decoded.arrays), step)]
-            packed = await asyncio.gather(*(self.encoder.to_async.encode(c) for c in chunks))
-            outputs = split_outputs(np.concatenate([np.asarray(p) for p in packed]), self.card)
-        metrics.IMAGES.labels(endpoint=endpoint, outcome="ok").inc(len(decoded.positions))
-        if decoded.errors:
-            metrics.IMAGES.labels(endpoint=endpoint, outcome="error").inc(len(decoded.errors))
-        return decoded, outputs
+        return await self.pipeline.run(payloads, endpoint=endpoint)
 
     @bentoml.api(route="/classify")
     async def classify(
@@ -197,20 +185,19 @@ class CNNCodes:
         top_k: Annotated[int, Field(ge=1, le=1000, description="classes per image")] = 5,
     ) -> ClassifyResponse:
         """Top-k classes with softmax probabilities for each image (multipart ``images``)."""
-        decoded, outputs = await self._infer("classify", images)
+        result = await self._run("classify", images)
         k = min(top_k, len(self.card.class_names))
         rows: dict[int, list[ClassScore]] = {}
-        if outputs is not None:
-            logits = outputs["logits"].astype(np.float64)
-            probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-            probs /= probs.sum(axis=1, keepdims=True)
-            order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-            for row, position in enumerate(decoded.positions):
+        if result.outputs is not None:
+            probs = softmax(result.outputs["logits"])
+            for row, (position, order) in enumerate(
+                    zip(result.decoded.positions, top_k_indices(probs, k))):
                 rows[position] = [
                     ClassScore(label=self.card.class_names[c], index=int(c),
-                               probability=float(probs[row, c])) for c in order[row]]
+                               probability=float(probs[row, c])) for c in order]
         results = [ClassifyItem(index=i, filename=client_filename(path), predictions=rows.get(i),
-                                error=decoded.errors.get(i)) for i, path in enumerate(images)]
+                                error=result.decoded.errors.get(i))
+                   for i, path in enumerate(images)]
         return ClassifyResponse(model=self.model_ref, top_k=k, results=results)
 
     @bentoml.api(route="/embed")
@@ -222,17 +209,15 @@ class CNNCodes:
     ) -> EmbedResponse:
         """CNN code per image: ``embedding`` (penultimate layer, D) or ``features`` (pooled
         conv output, C), float32, L2-normalised when ``normalize``."""
-        decoded, outputs = await self._infer("embed", images)
+        result = await self._run("embed", images)
         vectors: dict[int, list[float]] = {}
-        if outputs is not None:
-            matrix = outputs[layer]
-            if normalize:
-                norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-                matrix = matrix / np.maximum(norms, np.finfo(np.float32).tiny)
-            for row, position in enumerate(decoded.positions):
-                vectors[position] = matrix[row].astype(np.float32).tolist()
+        if result.outputs is not None:
+            matrix = result.outputs[layer]
+            matrix = l2_normalize(matrix) if normalize else matrix.astype(np.float32)
+            vectors = {pos: matrix[row].tolist()
+                       for row, pos in enumerate(result.decoded.positions)}
         results = [EmbedItem(index=i, filename=client_filename(path), embedding=vectors.get(i),
-                             error=decoded.errors.get(i)) for i, path in enumerate(images)]
+                             error=result.decoded.errors.get(i)) for i, path in enumerate(images)]
         return EmbedResponse(model=self.model_ref, layer=layer, dim=self.card.dim(layer),
                              normalized=normalize, results=results)
 
