@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Provider = Literal["tensorrt", "cuda", "cpu"]
@@ -45,11 +45,18 @@ class Settings(BaseSettings):
         max_batch_size: adaptive batching: largest batch, images.
         max_latency_ms: adaptive batching deadline, ms (generous: overload is bounded by
             ``max_concurrency`` answering 429, not by 503s).
-        max_concurrency: concurrent requests per API worker before 429.
+        max_concurrency: concurrent requests per API worker; more get 429 + Retry-After.
         api_workers: API service worker processes.
         max_images_per_request: images in one request before 413.
         max_image_pixels: width*height above which an image is refused (decompression bombs).
-        request_timeout_s: per-request timeout, seconds.
+        request_timeout_s: per-request timeout, seconds (504 after it).
+        max_request_bytes: request body limit, bytes (413 above it).
+        min_image_side: images with a side shorter than this, pixels, are ``too_small``.
+        api_keys: accepted API keys (``Authorization: Bearer <key>``); several allow
+            rotation; empty = no authentication. Given as JSON:
+            ``CNN_CODES_API_KEYS='["key1","key2"]'``.
+        open_paths: paths that need no API key (health and metrics by default).
+        retry_after_s: ``Retry-After`` of a 429 answer, seconds.
     """
 
     model_config = SettingsConfigDict(env_prefix="CNN_CODES_", extra="ignore")
@@ -73,3 +80,9 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(default=64, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     request_timeout_s: int = Field(default=60, ge=1)
+    max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    min_image_side: int = Field(default=8, ge=1)
+    api_keys: list[SecretStr] = []
+    open_paths: list[str] = ["/livez", "/readyz", "/healthz", "/metrics",
+                             "/v2/health/live", "/v2/health/ready"]
+    retry_after_s: int = Field(default=1, ge=1)
