@@ -35,3 +35,32 @@ test: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+## Benchmarks (bench/, not part of the tests): `make bench` (~10 min), `make bench BENCH_ARGS=--quick`.
+BENCH_STAMP := $(VENV)/.bench-stamp
+TS_VENV := bench/.venv-torchserve
+BENCH_ARGS ?=
+.PHONY: bench bench-deps bench-torchserve
+
+bench-deps: $(BENCH_STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[train,test,bench]'
+	touch $(BENCH_STAMP)
+
+## TorchServe in its own venv; it reuses .venv's torch/torchvision through a .pth file.
+bench-torchserve: $(TS_VENV)/.installed-stamp
+
+$(TS_VENV)/.installed-stamp: $(STAMP)
+	test -x $(TS_VENV)/bin/python || $(BIN)/python -m venv $(TS_VENV)
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+	  "$$($(TS_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_cnn_codes_main_venv.pth"
+	$(TS_VENV)/bin/python -m pip install --quiet torchserve==0.12.0 torch-model-archiver==0.12.0 captum==0.9.0
+	touch $@
+
+## A failed TorchServe install does not stop the run: the harness records why (install log).
+bench: $(BENCH_STAMP)
+	mkdir -p bench/.cache
+	$(MAKE) --no-print-directory bench-torchserve > bench/.cache/torchserve-install.log 2>&1 \
+	  || echo "TorchServe did not install; see bench/.cache/torchserve-install.log"
+	$(BIN)/python -m bench.run $(BENCH_ARGS)

@@ -1,0 +1,1 @@
+"""What a user would pick instead: FastAPI + torch eager, TorchServe's stock image classifier."""

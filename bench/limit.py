@@ -1,0 +1,152 @@
+"""The limit: raw onnxruntime throughput and decode + preprocess throughput on these cores.
+
+Both stages are measured on the real photos: onnxruntime on batches of already preprocessed
+photos with the served model and the service's own session options, and
+``models.preprocessing.preprocess_bytes`` (the service's decode path) on the encoded files.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from bench.photos import Photo
+from models.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def preprocess_all(photos: Sequence[Photo], spec: PreprocessSpec) -> np.ndarray:
+    """``(M, S, S, 3)`` uint8: every decodable photo through the service's decode path."""
+    arrays = []
+    for photo in photos:
+        try:
+            arrays.append(preprocess_bytes(photo.data, spec))
+        except ImageDecodeError as exc:  # none expected in the sample data; logged if so
+            logger.warning("skipping %s: %s", photo.name, exc)
+    return np.stack(arrays)
+
+
+def onnx_throughput(onnx_path: Path, repository: Path, name: str, version: int,
+                    arrays: np.ndarray, batch_sizes: Sequence[int], seconds: float
+                    ) -> list[dict[str, Any]]:
+    """Images/s of the served model in onnxruntime, one figure per batch size.
+
+    The session is made exactly as the service makes it (:meth:`OnnxEncoder.create` with
+    default settings: all cores for intra-op threads, full graph optimisation).
+
+    Args:
+        onnx_path: unused beyond logging; the card is resolved from the repository.
+        repository, name, version: the published model.
+        arrays: preprocessed photos, cycled to fill each batch.
+        batch_sizes: e.g. ``(1, 8, 32, 64)``.
+        seconds: measuring time per batch size (after two warm-up runs).
+
+    Returns:
+        ``[{"batch": b, "images_per_s", "ms_per_batch_p50", "runs"}]``.
+    """
+    from cnn_codes.settings import Settings
+    from models.repository import resolve
+    from service.runtime import OnnxEncoder
+
+    settings = Settings()
+    published = resolve(repository, name, version)
+    encoder = OnnxEncoder.create(str(published.onnx_path), published.card,
+                                 providers=settings.providers,
+                                 allow_cpu_fallback=settings.allow_cpu_fallback,
+                                 intra_op_threads=settings.intra_op_threads)
+    logger.info("onnxruntime limit on %s (%s)", onnx_path, encoder.provider)
+    rows = []
+    for batch in batch_sizes:
+        index = np.arange(batch) % len(arrays)
+        images = np.ascontiguousarray(arrays[index])
+        for _ in range(2):
+            encoder.run(images)
+        times: list[float] = []
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds or len(times) < 3:
+            t0 = time.perf_counter()
+            encoder.run(images)
+            times.append(time.perf_counter() - t0)
+        elapsed = sum(times)
+        rows.append({"batch": batch, "images_per_s": round(batch * len(times) / elapsed, 1),
+                     "ms_per_batch_p50": round(statistics.median(times) * 1000, 2),
+                     "runs": len(times)})
+        logger.info("onnxruntime batch %d: %.1f images/s", batch, rows[-1]["images_per_s"])
+    return rows
+
+
+def _decode_loop(payloads: Sequence[bytes], spec: PreprocessSpec, seconds: float
+                 ) -> tuple[int, float]:
+    """Decode ``payloads`` round-robin for ``seconds``; returns (images, busy seconds)."""
+    count, started = 0, time.perf_counter()
+    while True:
+        for data in payloads:
+            try:
+                preprocess_bytes(data, spec)
+            except ImageDecodeError:
+                pass
+            count += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds and count >= len(payloads):
+                return count, elapsed
+
+
+def _decode_worker(args: tuple[list[bytes], dict, float]) -> tuple[int, float]:
+    payloads, spec_json, seconds = args
+    return _decode_loop(payloads, PreprocessSpec.model_validate(spec_json), seconds)
+
+
+def decode_throughput(photos: Sequence[Photo], spec: PreprocessSpec, seconds: float,
+                      processes: int) -> dict[str, Any]:
+    """Decode + preprocess images/s: one core, and ``processes`` cores at once.
+
+    The one-core figure loops over every photo at least once (their natural mix); the
+    all-cores figure runs ``processes`` spawned workers side by side on the same mix, each
+    starting at a different photo.
+
+    Returns:
+        ``{"per_core_images_per_s", "all_cores_images_per_s", "processes",
+        "ms_per_image_mean"}``.
+    """
+    payloads = [p.data for p in photos]
+    count, elapsed = _decode_loop(payloads, spec, seconds)
+    per_core = count / elapsed
+    logger.info("decode + preprocess, 1 core: %.1f images/s", per_core)
+    spec_json = spec.model_dump(mode="json")
+    jobs = [(payloads[i * len(payloads) // processes:] + payloads[:i * len(payloads) // processes],
+             spec_json, seconds) for i in range(processes)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        results = pool.map(_decode_worker, jobs)
+    all_cores = sum(c / e for c, e in results)
+    logger.info("decode + preprocess, %d processes: %.1f images/s", processes, all_cores)
+    return {"per_core_images_per_s": round(per_core, 1),
+            "all_cores_images_per_s": round(all_cores, 1), "processes": processes,
+            "ms_per_image_mean": round(1000 / per_core, 2)}
+
+
+def pipeline_limit(onnx_rows: list[dict[str, Any]], decode: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline limit two ways.
+
+    ``images_per_s``: the issue's definition, the smaller of the best onnxruntime throughput
+    and the all-cores decode throughput, each measured alone on the same cores.
+    ``shared_cores_images_per_s``: both stages on the same cores at once, i.e. the CPU time
+    of one image is the sum of both stages' (``1 / (1/onnx + 1/decode)``): what a pipeline
+    that wastes nothing could reach on this machine.
+    """
+    best = max(onnx_rows, key=lambda r: r["images_per_s"])
+    onnx_best, dec = best["images_per_s"], decode["all_cores_images_per_s"]
+    return {
+        "images_per_s": round(min(onnx_best, dec), 1),
+        "bound_by": "onnxruntime" if onnx_best <= dec else "decode",
+        "onnx_best_images_per_s": onnx_best,
+        "onnx_best_batch": best["batch"],
+        "decode_all_cores_images_per_s": dec,
+        "shared_cores_images_per_s": round(1.0 / (1.0 / onnx_best + 1.0 / dec), 1),
+    }

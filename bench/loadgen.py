@@ -1,0 +1,171 @@
+"""A bounded closed-loop HTTP load generator (asyncio + aiohttp) for loopback services.
+
+``concurrency`` workers each send one request, wait for the answer, and send the next, over a
+fixed list of pre-encoded requests (one photo each, cycled in the photos' shuffled order).
+Every cell is bounded in time (warm-up + measuring window + request timeout) and in count
+(``max_requests``). Bodies are built once, so the client spends its CPU on sockets only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+from urllib.parse import urlsplit
+
+import aiohttp
+import numpy as np
+
+from bench.photos import Photo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """One pre-encoded request.
+
+    Attributes:
+        method: ``POST`` / ``PUT``.
+        path: absolute path on the server (``/embed``).
+        body: the full request body.
+        headers: at least the content type.
+        images: images the request carries (for images/s).
+    """
+
+    method: str
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    images: int = 1
+
+
+def multipart_request(path: str, photos: Sequence[Photo], fields: dict[str, str]
+                      ) -> HttpRequest:
+    """A ``multipart/form-data`` POST with files under ``images`` plus plain ``fields``."""
+    boundary = f"cnncodesbench{uuid.uuid4().hex}"
+    parts: list[bytes] = []
+    for photo in photos:
+        filename = photo.name.rsplit("/", 1)[-1]
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="images"; '
+            f'filename="{filename}"\r\nContent-Type: {photo.content_type}\r\n\r\n'.encode()
+            + photo.data + b"\r\n")
+    for key, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n'
+                     f"{value}\r\n".encode())
+    parts.append(f"--{boundary}--\r\n".encode())
+    return HttpRequest("POST", path, b"".join(parts),
+                       {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+                       images=len(photos))
+
+
+def raw_request(path: str, photo: Photo) -> HttpRequest:
+    """A POST whose body is the encoded image itself (TorchServe's ``/predictions``)."""
+    return HttpRequest("POST", path, photo.data, {"Content-Type": photo.content_type})
+
+
+@dataclass
+class CellResult:
+    """What one (system, endpoint, concurrency) cell measured.
+
+    Throughput counts successful responses completed inside the measuring window; latency
+    percentiles are over the same responses (client side: send to last byte read).
+    """
+
+    concurrency: int
+    window_s: float
+    completed: int
+    ok: int
+    errors: int
+    images_per_s: float
+    latency_ms: dict[str, float]
+    client_cpu_s: float
+    error_samples: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {"concurrency": self.concurrency, "window_s": self.window_s,
+                "completed": self.completed, "ok": self.ok, "errors": self.errors,
+                "images_per_s": self.images_per_s, "latency_ms": self.latency_ms,
+                "client_cpu_s": self.client_cpu_s, "error_samples": self.error_samples,
+                **self.extra}
+
+
+async def _run_cell(base_url: str, requests: Sequence[HttpRequest], concurrency: int,
+                    warmup_s: float, duration_s: float, max_requests: int,
+                    timeout_s: float) -> CellResult:
+    records: list[tuple[float, float, int, int]] = []  # start, end, status, images
+    samples: list[str] = []
+    counter = itertools.count()
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    cpu0 = time.process_time()
+    started = time.perf_counter()
+    warm_end, end = started + warmup_s, started + warmup_s + duration_s
+    async with aiohttp.ClientSession(base_url, connector=connector, timeout=timeout) as session:
+
+        async def worker() -> None:
+            while time.perf_counter() < end:
+                index = next(counter)
+                if index >= max_requests:
+                    return
+                request = requests[index % len(requests)]
+                t0 = time.perf_counter()
+                try:
+                    async with session.request(request.method, request.path, data=request.body,
+                                               headers=request.headers) as response:
+                        payload = await response.read()
+                        status = response.status
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    status, payload = -1, repr(exc).encode()
+                if status != 200 and len(samples) < 3:
+                    samples.append(f"{status}: {payload[:300].decode(errors='replace')}")
+                records.append((t0, time.perf_counter(), status, request.images))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    cpu = time.process_time() - cpu0
+    in_window = [r for r in records if warm_end <= r[1] <= end]
+    good = [r for r in in_window if r[2] == 200]
+    latencies = np.array([(r[1] - r[0]) * 1000 for r in good]) if good else np.array([np.nan])
+    return CellResult(
+        concurrency=concurrency, window_s=round(duration_s, 2), completed=len(in_window),
+        ok=len(good), errors=len(in_window) - len(good),
+        images_per_s=round(sum(r[3] for r in good) / duration_s, 2),
+        latency_ms={"p50": round(float(np.percentile(latencies, 50)), 1),
+                    "p95": round(float(np.percentile(latencies, 95)), 1),
+                    "p99": round(float(np.percentile(latencies, 99)), 1),
+                    "mean": round(float(np.mean(latencies)), 1)},
+        client_cpu_s=round(cpu, 2), error_samples=samples)
+
+
+def run_cell(base_url: str, requests: Sequence[HttpRequest], concurrency: int, *,
+             warmup_s: float, duration_s: float, max_requests: int = 50_000,
+             timeout_s: float = 60.0) -> CellResult:
+    """Drive ``base_url`` (loopback only) with ``concurrency`` closed-loop clients.
+
+    Args:
+        base_url: ``http://127.0.0.1:PORT``; anything but loopback is refused.
+        requests: pre-encoded requests, cycled.
+        concurrency: clients in flight at once.
+        warmup_s: seconds of load before the measuring window opens.
+        duration_s: the measuring window, seconds.
+        max_requests: hard cap on requests sent in this cell.
+        timeout_s: per-request timeout.
+
+    Raises:
+        ValueError: ``base_url`` is not on 127.0.0.1.
+    """
+    if urlsplit(base_url).hostname != "127.0.0.1":
+        raise ValueError(f"refusing to send load anywhere but 127.0.0.1: {base_url}")
+    result = asyncio.run(_run_cell(base_url, requests, concurrency, warmup_s, duration_s,
+                                   max_requests, timeout_s))
+    logger.info("c=%d: %.1f images/s, p50 %.1f ms, p99 %.1f ms, %d errors", concurrency,
+                result.images_per_s, result.latency_ms["p50"], result.latency_ms["p99"],
+                result.errors)
+    return result

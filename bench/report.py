@@ -1,0 +1,235 @@
+"""Ratios, targets, the Markdown table and the throughput plot from one run's result dict."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+FASTAPI_CONCURRENCY = 32
+
+
+def _cells(result: dict[str, Any], system: str, endpoint: str) -> list[dict[str, Any]]:
+    entry = result.get("systems", {}).get(system, {})
+    if entry.get("status") != "ok":
+        return []
+    return entry.get("endpoints", {}).get(endpoint, {}).get("cells", [])
+
+
+def _at(cells: list[dict[str, Any]], concurrency: int) -> dict[str, Any] | None:
+    return next((c for c in cells if c["concurrency"] == concurrency), None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def compute_ratios(result: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """The ``ratios`` object, the concurrency beside each, and the targets verdicts.
+
+    * ``service_vs_limit``: our best ``/embed`` images/s over all concurrency levels, divided
+      by the pipeline limit (smaller of onnxruntime-alone and decode-alone, same cores).
+    * ``service_vs_fastapi_torch``: ours / FastAPI + torch eager on ``/embed`` at c=32.
+    * ``service_vs_torchserve``: ours ``/classify`` / TorchServe's stock classifier, the
+      smallest ratio over the concurrency levels both measured (the target is "every level").
+    """
+    ours_embed = _cells(result, "cnn_codes", "embed")
+    ours_classify = _cells(result, "cnn_codes", "classify")
+    limit = result.get("limit", {}).get("pipeline", {})
+    ratios: dict[str, float | None] = {}
+    at: dict[str, Any] = {}
+    targets: dict[str, Any] = {}
+
+    best = max(ours_embed, key=lambda c: c["images_per_s"]) if ours_embed else None
+    ratios["service_vs_limit"] = _ratio(best and best["images_per_s"],
+                                        limit.get("images_per_s"))
+    ratios["service_vs_limit_shared_cores"] = _ratio(best and best["images_per_s"],
+                                                     limit.get("shared_cores_images_per_s"))
+    at["service_vs_limit"] = best and best["concurrency"]
+    at["service_vs_limit_shared_cores"] = best and best["concurrency"]
+    targets["service_vs_limit"] = {
+        "target": ">= 0.85", "value": ratios["service_vs_limit"],
+        "met": None if ratios["service_vs_limit"] is None else ratios["service_vs_limit"] >= 0.85}
+
+    ours32 = _at(ours_embed, FASTAPI_CONCURRENCY)
+    theirs32 = _at(_cells(result, "fastapi_torch", "embed"), FASTAPI_CONCURRENCY)
+    ratios["service_vs_fastapi_torch"] = _ratio(ours32 and ours32["images_per_s"],
+                                                theirs32 and theirs32["images_per_s"])
+    at["service_vs_fastapi_torch"] = FASTAPI_CONCURRENCY
+    p99 = (ours32["latency_ms"]["p99"], theirs32["latency_ms"]["p99"]) if ours32 and theirs32 \
+        else (None, None)
+    value = ratios["service_vs_fastapi_torch"]
+    targets["service_vs_fastapi_torch"] = {
+        "target": ">= 3.0 at c=32 with lower p99", "value": value,
+        "p99_ms_ours": p99[0], "p99_ms_theirs": p99[1],
+        "met": None if value is None else bool(value >= 3.0 and p99[0] < p99[1])}
+
+    ts_cells = _cells(result, "torchserve", "classify")
+    per_level = {}
+    for cell in ts_cells:
+        ours = _at(ours_classify, cell["concurrency"])
+        if ours is not None:
+            per_level[cell["concurrency"]] = _ratio(ours["images_per_s"], cell["images_per_s"])
+    valid = {c: r for c, r in per_level.items() if r is not None}
+    if valid:
+        worst = min(valid, key=valid.get)
+        ratios["service_vs_torchserve"], at["service_vs_torchserve"] = valid[worst], worst
+    else:
+        ratios["service_vs_torchserve"], at["service_vs_torchserve"] = None, None
+    targets["service_vs_torchserve"] = {
+        "target": "> 1.0 at every concurrency", "per_concurrency": per_level,
+        "value": ratios["service_vs_torchserve"],
+        "met": None if not valid else all(r > 1.0 for r in valid.values())}
+    return ratios, at, targets
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results as Markdown tables (what ``bench/results/latest.md`` holds)."""
+    m = result["machine"]
+    lines = [
+        f"# cnn-codes benchmark ({result['mode']} run, {result['finished_at']})",
+        "",
+        f"Machine: {m['cores']} cores, {m['cpu_model']}, "
+        f"{_fmt((m['memory_bytes'] or 0) / 2**30)} GiB, no GPU. Load average (1/5/15 min) "
+        f"{result['load_average_start']} at start, {result['load_average_end']} at end. "
+        f"Model: `{result['model']['backbone']}` ({result['model']['ref']}), "
+        f"{result['photos']['count']} sample photos, one photo per request, "
+        f"{result['plan']['warmup_s']} s warm-up + {result['plan']['duration_s']} s per cell.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        "## Ratios and targets",
+        "",
+        "| ratio | value | at concurrency | target | met |",
+        "|---|---|---|---|---|",
+    ]
+    for key, verdict in result["targets"].items():
+        met = {True: "yes", False: "**no**", None: "not measured"}[verdict["met"]]
+        lines.append(f"| `{key}` | {_fmt(result['ratios'].get(key), 3)} | "
+                     f"{_fmt(result['ratios_at_concurrency'].get(key))} | {verdict['target']} | "
+                     f"{met} |")
+    lines.append(f"| `service_vs_limit_shared_cores` | "
+                 f"{_fmt(result['ratios'].get('service_vs_limit_shared_cores'), 3)} | "
+                 f"{_fmt(result['ratios_at_concurrency'].get('service_vs_limit_shared_cores'))}"
+                 " | (context) | |")
+    limit = result.get("limit", {})
+    if limit:
+        lines += ["", "## The limit (same cores, nothing else of ours running)", "",
+                  "| stage | images/s |", "|---|---|"]
+        for row in limit["onnxruntime"]:
+            lines.append(f"| onnxruntime, batch {row['batch']} "
+                         f"({row['ms_per_batch_p50']} ms/batch) | {_fmt(row['images_per_s'])} |")
+        dec = limit["decode"]
+        pipe = limit["pipeline"]
+        lines += [
+            f"| decode + preprocess, 1 core ({dec['ms_per_image_mean']} ms/image) | "
+            f"{_fmt(dec['per_core_images_per_s'])} |",
+            f"| decode + preprocess, {dec['processes']} processes | "
+            f"{_fmt(dec['all_cores_images_per_s'])} |",
+            f"| **pipeline limit** = min(onnxruntime best, decode all cores), bound by "
+            f"{pipe['bound_by']} | **{_fmt(pipe['images_per_s'])}** |",
+            f"| both stages sharing the cores: 1/(1/onnx + 1/decode) | "
+            f"{_fmt(pipe['shared_cores_images_per_s'])} |",
+        ]
+    lines += ["", "## Services over loopback HTTP", "",
+              "| system | endpoint | concurrency | images/s | p50 ms | p95 ms | p99 ms | errors "
+              "| mean batch | client CPU s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, entry in result["systems"].items():
+        if entry.get("status") != "ok":
+            lines.append(f"| {entry.get('title', key)} | | | not measured: "
+                         f"{entry.get('reason', '')[:300]} | | | | | | |")
+            continue
+        for endpoint, data in entry["endpoints"].items():
+            for c in data["cells"]:
+                lat = c["latency_ms"]
+                lines.append(
+                    f"| {entry['title']} | {endpoint} | {c['concurrency']} | "
+                    f"{_fmt(c['images_per_s'])} | {_fmt(lat['p50'])} | {_fmt(lat['p95'])} | "
+                    f"{_fmt(lat['p99'])} | {c['errors']} | {_fmt(c.get('mean_batch_size'), 2)} "
+                    f"| {_fmt(c['client_cpu_s'])} |")
+    lines += ["", "## Memory (process tree, MiB)", "",
+              "| system | idle peak RSS | idle peak PSS | load peak RSS | load peak PSS | "
+              "processes |", "|---|---|---|---|---|---|"]
+    for key, entry in result["systems"].items():
+        memory = entry.get("memory")
+        if not memory:
+            continue
+        idle, load = memory.get("idle", {}), memory.get("load", {})
+        lines.append(f"| {entry['title']} | {_fmt(idle.get('peak_rss_mib'))} | "
+                     f"{_fmt(idle.get('peak_pss_mib'))} | {_fmt(load.get('peak_rss_mib'))} | "
+                     f"{_fmt(load.get('peak_pss_mib'))} | {load.get('processes', 'n/a')} |")
+    pre = result.get("preprocessing")
+    if pre:
+        lines += ["", "## Preprocessing: Pillow JPEG draft mode (1 core)", "",
+                  "| photos | count | mean MP | ms draft off | ms draft on | speedup | "
+                  "mean abs pixel diff |", "|---|---|---|---|---|---|---|"]
+        for row in pre:
+            lines.append(f"| {row['group']} | {row['count']} | {row['mean_megapixels']} | "
+                         f"{row['ms_draft_off']} | {row['ms_draft_on']} | {row['speedup']}x | "
+                         f"{row['mean_abs_pixel_diff']} |")
+    for key, entry in result["systems"].items():
+        prof = entry.get("profile")
+        if not prof or prof.get("status") != "ok":
+            continue
+        lines += ["", f"## Profile: {entry['title']}, /{prof['endpoint']} at "
+                      f"c={prof['concurrency']}, {prof['seconds']} s (py-spy, busy samples)", ""]
+        for process, data in prof["processes"].items():
+            if data["samples"] < 20:
+                continue
+            top = ", ".join(f"{f} {p}%" for f, p in data["inclusive_pct"][:8])
+            self_top = ", ".join(f"{f} {p}%" for f, p in data["self_pct"][:6])
+            lines.append(f"- **{process}** ({data['samples']} samples). Inclusive: {top}. "
+                         f"Self: {self_top}.")
+    grpc = result.get("grpc")
+    lines += ["", f"gRPC: {grpc['status']}" + (f" ({grpc['reason']})" if grpc.get("reason")
+                                                else "")]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Throughput vs concurrency for every system/endpoint, with the limit lines (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for key, entry in result["systems"].items():
+        if entry.get("status") != "ok":
+            continue
+        for endpoint, data in entry["endpoints"].items():
+            xs = [c["concurrency"] for c in data["cells"]]
+            ys = [c["images_per_s"] for c in data["cells"]]
+            ax.plot(xs, ys, marker="o", label=f"{entry['title']} /{endpoint}")
+    pipe = result.get("limit", {}).get("pipeline")
+    if pipe:
+        ax.axhline(pipe["images_per_s"], color="black", linestyle="--",
+                   label=f"pipeline limit ({pipe['bound_by']} alone)")
+        ax.axhline(pipe["shared_cores_images_per_s"], color="gray", linestyle=":",
+                   label="both stages sharing the cores")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(result["plan"]["concurrency"])
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("concurrent clients (one photo per request)")
+    ax.set_ylabel("images/s")
+    ax.set_ylim(bottom=0)
+    m = result["machine"]
+    ax.set_title(f"{result['model']['backbone']} on {m['cores']} cores, load "
+                 f"{result['load_average_start'][0]}->{result['load_average_end'][0]} "
+                 f"({result['mode']})", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)

@@ -1,0 +1,181 @@
+"""``make bench``: the limit, our service, the alternatives, side by side in one run.
+
+Writes ``bench/results/latest.json`` (everything, including ``ratios``), ``latest.md`` (the
+tables) and ``throughput.png`` (images/s vs concurrency for every system).
+
+    python -m bench.run            # full run, ~10 minutes on 2 cores
+    python -m bench.run --quick    # seconds per cell, to check the harness
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench import limit as limit_mod
+from bench import preproc, report, systems
+from bench.machine import load_average, machine_info, usable_cores
+from bench.model import REPO_ROOT, ensure_model
+from bench.photos import describe, load_photos
+
+logger = logging.getLogger("bench")
+
+BENCH_DIR = REPO_ROOT / "bench"
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "hymenoptera"
+SYSTEMS = ("cnn_codes", "fastapi_torch", "torchserve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of the harness."""
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="seconds per cell (harness check)")
+    p.add_argument("--data", type=Path,
+                   default=Path(os.environ.get("CNN_CODES_SAMPLE_DATA", DEFAULT_DATA)))
+    p.add_argument("--backbone", default="mobilenet_v3_large")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    p.add_argument("--concurrency", default="1,8,32,64")
+    p.add_argument("--duration", type=float, help="measuring window per cell, s")
+    p.add_argument("--warmup", type=float, help="warm-up per cell, s")
+    p.add_argument("--no-profile", action="store_true", help="skip the py-spy cells")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "results")
+    p.add_argument("--cache", type=Path, default=BENCH_DIR / ".cache")
+    return p
+
+
+def _grpc_status() -> dict[str, Any]:
+    """gRPC is measured once the service has a gRPC front (``service/grpc*``)."""
+    found = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "service").glob("grpc*"))
+    if not found:
+        return {"status": "not measured", "reason": "the service has no gRPC front yet "
+                "(no service/grpc*)", "images_per_s": None}
+    return {"status": "not measured", "reason": f"gRPC front present ({', '.join(found)}) but "
+            "this harness has no gRPC load generator for it yet", "images_per_s": None}
+
+
+def _limits(args: argparse.Namespace, photos: list, model, spec, quick: bool
+            ) -> dict[str, Any]:
+    seconds = 1.5 if quick else 6.0
+    decode = limit_mod.decode_throughput(photos, spec, seconds=seconds,
+                                         processes=usable_cores())
+    arrays = limit_mod.preprocess_all(photos, spec)
+    onnx_rows = limit_mod.onnx_throughput(model.onnx_path, model.repository, model.name,
+                                          model.version, arrays, (1, 8, 32, 64),
+                                          seconds=seconds)
+    return {"onnxruntime": onnx_rows, "decode": decode,
+            "pipeline": limit_mod.pipeline_limit(onnx_rows, decode),
+            "seconds_per_measure": seconds}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """One benchmark run; returns the result dict (also written to ``args.out``)."""
+    from models.repository import resolve
+
+    quick = args.quick
+    plan = systems.Plan(
+        concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+        warmup_s=args.warmup if args.warmup is not None else (1.0 if quick else 3.0),
+        duration_s=args.duration if args.duration is not None else (3.0 if quick else 12.0),
+        idle_s=2.0 if quick else 5.0,
+        profile_s=0 if args.no_profile else (4 if quick else 10),
+    )
+    wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(wanted) - set(SYSTEMS)
+    if unknown:
+        raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    work_dir = BENCH_DIR / ".work"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
+    started = time.monotonic()
+    result: dict[str, Any] = {
+        "schema": 1, "mode": "quick" if quick else "full",
+        "command": "python -m bench.run " + shlex.join(sys.argv[1:]) if sys.argv[1:]
+        else "make bench",
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(), "load_average_start": load_average(),
+        "plan": {"concurrency": list(plan.concurrency), "warmup_s": plan.warmup_s,
+                 "duration_s": plan.duration_s, "images_per_request": 1,
+                 "profile_s": plan.profile_s},
+    }
+    photos = load_photos(args.data)
+    result["photos"] = describe(photos)
+    model = ensure_model(args.cache / "model", args.data, args.backbone)
+    card = resolve(model.repository, model.name, model.version).card
+    spec = card.preprocessing
+    result["model"] = {"backbone": model.backbone, "ref": model.ref,
+                       "onnx": str(model.onnx_path.relative_to(REPO_ROOT))
+                       if model.onnx_path.is_relative_to(REPO_ROOT) else str(model.onnx_path),
+                       "onnx_bytes": model.onnx_path.stat().st_size,
+                       "preprocessing": spec.model_dump(mode="json"),
+                       "weights": "random init + 1 epoch (speed does not depend on weights)"}
+
+    result["limit"] = _limits(args, photos, model, spec, quick)
+    result["preprocessing"] = preproc.draft_mode_table(photos, spec,
+                                                       seconds=0.5 if quick else 2.0)
+
+    builders = {"cnn_codes": systems.cnn_codes_system, "fastapi_torch": systems.fastapi_system,
+                "torchserve": systems.torchserve_system}
+    shared: dict[str, Any] = {}
+    result["systems"] = {}
+    for key in SYSTEMS:
+        if key not in wanted:
+            result["systems"][key] = {"key": key, "title": key, "status": "skipped",
+                                      "reason": "not selected with --systems"}
+            continue
+        try:
+            system = builders[key](model, photos, work_dir, shared,
+                                   profile=not args.no_profile)
+        except Exception as exc:  # e.g. TorchServe not installable: say exactly why
+            logger.exception("cannot set up %s", key)
+            result["systems"][key] = {"key": key, "title": key, "status": "failed",
+                                      "reason": f"{type(exc).__name__}: {exc}"[:3000]}
+            continue
+        result["systems"][key] = systems.measure(system, plan, work_dir)
+    result["grpc"] = _grpc_status()
+
+    result["load_average_end"] = load_average()
+    result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    ratios, at, targets = report.compute_ratios(result)
+    result["ratios"], result["ratios_at_concurrency"], result["targets"] = ratios, at, targets
+    _write(result, args.out)
+    return result
+
+
+def _write(result: dict[str, Any], out: Path) -> None:
+    """latest.json, latest.md and throughput.png under ``out`` (atomic renames)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("latest.json", json.dumps(result, indent=2, default=str) + "\n"),
+                       ("latest.md", report.markdown(result))):
+        tmp = out / f"{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    tmp_png = out / "throughput.png.tmp"
+    report.plot(result, tmp_png)
+    tmp_png.replace(out / "throughput.png")
+    logger.info("wrote %s/latest.json, latest.md, throughput.png", out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m bench.run``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    result = run(args)
+    print(report.markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
