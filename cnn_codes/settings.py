@@ -57,6 +57,14 @@ class Settings(BaseSettings):
             ``CNN_CODES_API_KEYS='["key1","key2"]'``.
         open_paths: paths that need no API key (health and metrics by default).
         retry_after_s: ``Retry-After`` of a 429 answer, seconds.
+        grpc_enabled: serve the KServe v2 / Open Inference Protocol over gRPC from every API
+            worker (``service/kserve``), beside HTTP.
+        grpc_port: gRPC port on ``host`` (all API workers bind it with SO_REUSEPORT).
+        grpc_max_message_bytes: largest gRPC request or response message, bytes (gRPC's own
+            default is 4 MiB; larger messages get RESOURCE_EXHAUSTED).
+        grpc_max_concurrency: ``ModelInfer`` calls in progress per API worker before
+            RESOURCE_EXHAUSTED.
+        grpc_grace_s: on shutdown, seconds in-flight gRPC calls get to finish.
     """
 
     model_config = SettingsConfigDict(env_prefix="CNN_CODES_", extra="ignore")
@@ -86,3 +94,8 @@ class Settings(BaseSettings):
     open_paths: list[str] = ["/livez", "/readyz", "/healthz", "/metrics",
                              "/v2/health/live", "/v2/health/ready"]
     retry_after_s: int = Field(default=1, ge=1)
+    grpc_enabled: bool = True
+    grpc_port: int = Field(default=50051, ge=1, le=65535)
+    grpc_max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    grpc_max_concurrency: int = Field(default=64, ge=1)
+    grpc_grace_s: float = Field(default=5.0, ge=0)
