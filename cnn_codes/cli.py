@@ -174,6 +174,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if version:
         env["CNN_CODES_MODEL_VERSION"] = version
     host, port = args.host or settings.host, args.port if args.port is not None else settings.port
+    env["CNN_CODES_HOST"] = host  # the gRPC server (service/kserve) binds the same host
     # Each instance gets its own BENTOML_HOME: Prometheus' multiprocess directory lives there.
     env.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="cnn-codes-bentoml-"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))

@@ -31,3 +31,12 @@ REQUEST_IMAGES = Histogram(
 MODEL_INFO = Gauge(
     "cnn_codes_model_info", "The served model (value 1).",
     ["name", "version", "backbone", "precision", "provider"], multiprocess_mode="max")
+REQUESTS = Counter(
+    "cnn_codes_requests",
+    "Requests by protocol (http | grpc), endpoint (HTTP route template or gRPC method) and "
+    "status (HTTP status code or gRPC status code name).",
+    ["protocol", "endpoint", "status"])
+REQUEST_SECONDS = Histogram(
+    "cnn_codes_request_seconds", "Request handling time, seconds, by protocol and endpoint.",
+    ["protocol", "endpoint"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))

@@ -35,6 +35,9 @@ from starlette.routing import Route  # noqa: E402
 
 from models.card import ModelCard  # noqa: E402
 from service import metrics  # noqa: E402
+from service.kserve import grpc_server as kserve_grpc  # noqa: E402
+from service.kserve.http import RequestMetricsMiddleware  # noqa: E402
+from service.kserve.http import routes as kserve_routes  # noqa: E402
 from service.middleware import ErrorEnvelopeMiddleware  # noqa: E402
 from service.pipeline import (EmptyRequest, InferencePipeline, PipelineResult,  # noqa: E402
                               RequestTooLarge, l2_normalize, softmax)
@@ -124,7 +127,9 @@ async def _metadata(request: Request) -> JSONResponse:
     return JSONResponse(service.card.public())
 
 
-_routes = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"])])
+# plus the KServe v2 / Open Inference Protocol HTTP paths (/v2/...), see service/kserve
+_routes = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]),
+                            *kserve_routes(bentoml.get_current_service)])
 
 
 @bentoml.asgi_app(_routes, path="/")
@@ -166,6 +171,16 @@ class CNNCodes:
             logger.exception("canary inference failed")
             return False
         return True
+
+    @bentoml.on_startup
+    async def start_grpc(self) -> None:
+        """Serve the Open Inference Protocol over gRPC from this worker (service/kserve)."""
+        await kserve_grpc.start(self)
+
+    @bentoml.on_shutdown
+    async def stop_grpc(self) -> None:
+        """Stop this worker's gRPC server: health NOT_SERVING, then a grace period."""
+        await kserve_grpc.stop(self)
 
     async def _run(self, endpoint: str, images: list[Path]) -> PipelineResult:
         """Read the uploaded files and run them through the shared pipeline."""
@@ -222,4 +237,5 @@ class CNNCodes:
                              normalized=normalize, results=results)
 
 
+CNNCodes.add_asgi_middleware(RequestMetricsMiddleware)  # outermost: counts every answer
 CNNCodes.add_asgi_middleware(ErrorEnvelopeMiddleware)

@@ -93,7 +93,11 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"serve-{self.port}.log"
-        env = base_env(BENTOML_HOME=str(tmp / f"bentoml-{self.port}"), **settings)
+        # every server gets its own gRPC port too (SO_REUSEPORT would share a fixed one)
+        env = base_env(**{"BENTOML_HOME": str(tmp / f"bentoml-{self.port}"),
+                          "CNN_CODES_GRPC_PORT": str(free_port()), **settings})
+        self.grpc_port = int(env["CNN_CODES_GRPC_PORT"])
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [*CLI, "serve", "--host", "127.0.0.1", "--port", str(self.port),
