@@ -369,7 +369,8 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> list[d
     Returns:
         The metrics of every epoch of the run (including those before a resume): dicts with
         ``epoch``, ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``dead_units``,
-        ``seconds`` (wall time of the epoch, train + val), ``lr`` (head rate at the epoch's
+        ``seconds`` (wall time of the epoch, train + val), ``cpu_seconds`` (CPU time of this
+        process, all threads; steadier on a shared machine), ``lr`` (head rate at the epoch's
         first step), ``backbone_lr``, ``backbone_frozen``, and ``grad_norm`` when clipping.
         Shorter than ``epochs`` when early stopping ended the run.
 
@@ -447,7 +448,7 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> list[d
                         "epoch %s)", config.early_stopping_metric, stopping.bad_epochs,
                         stopping.best, stopping.best_epoch)
             break
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         frozen = backbone_frozen(config, epoch)
         if config.mode == "feature-extract":
             if not frozen and backbone_frozen(config, epoch - 1):
@@ -466,7 +467,9 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> list[d
                                      f"epoch {epoch}/{config.epochs} train")
         val_metrics = evaluate(model, val_loader, device=device, amp=use_amp)
         row = {"epoch": epoch, **train_metrics, **val_metrics,
-               "seconds": round(time.perf_counter() - started, 3), "lr": config.lr * factor,
+               "seconds": round(time.perf_counter() - started, 3),
+               "cpu_seconds": round(time.process_time() - cpu_started, 3),
+               "lr": config.lr * factor,
                "backbone_lr": 0.0 if frozen else config.lr * config.backbone_lr_mult * factor,
                "backbone_frozen": frozen}
         history.append(row)
