@@ -69,6 +69,17 @@ def raw_request(path: str, photo: Photo) -> HttpRequest:
     return HttpRequest("POST", path, photo.data, {"Content-Type": photo.content_type})
 
 
+RETRY_AFTER_CAP_S = 1.0
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds from a ``Retry-After`` header (delta-seconds form), 0 when absent or odd."""
+    try:
+        return max(0.0, float(value)) if value else 0.0
+    except ValueError:
+        return 0.0
+
+
 @dataclass
 class CellResult:
     """What one (system, endpoint, concurrency) cell measured.
@@ -99,7 +110,7 @@ class CellResult:
 
 async def _run_cell(base_url: str, requests: Sequence[HttpRequest], concurrency: int,
                     warmup_s: float, duration_s: float, max_requests: int,
-                    timeout_s: float) -> CellResult:
+                    timeout_s: float, drain_s: float) -> CellResult:
     records: list[tuple[float, float, int, int]] = []  # start, end, status, images
     samples: list[str] = []
     counter = itertools.count()
@@ -122,16 +133,38 @@ async def _run_cell(base_url: str, requests: Sequence[HttpRequest], concurrency:
                                                headers=request.headers) as response:
                         payload = await response.read()
                         status = response.status
+                        retry_after = _retry_after(response.headers.get("Retry-After"))
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                    status, payload = -1, repr(exc).encode()
+                    status, payload, retry_after = -1, repr(exc).encode(), 0.0
                 if status != 200 and len(samples) < 3:
                     samples.append(f"{status}: {payload[:300].decode(errors='replace')}")
                 records.append((t0, time.perf_counter(), status, request.images))
+                if status == 429:  # a polite client honours Retry-After (capped: bounded cell)
+                    await asyncio.sleep(min(retry_after, RETRY_AFTER_CAP_S))
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    cpu = time.process_time() - cpu0
+        tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+        # Requests still queued at the end of the window only matter for the next cell: let
+        # them drain for up to ``drain_s``, then cancel them (the cell stays bounded in time).
+        _, pending = await asyncio.wait(tasks, timeout=warmup_s + duration_s + drain_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        cancelled = len(pending)
+    return summarise(records, concurrency, warm_end, end, duration_s, time.process_time() - cpu0,
+                     samples, cancelled)
+
+
+def summarise(records: Sequence[tuple[float, float, int | str, int]], concurrency: int,
+              warm_end: float, end: float, duration_s: float, cpu_s: float,
+              samples: list[str], cancelled: int) -> CellResult:
+    """Throughput and latency of the successes completed inside ``[warm_end, end]``.
+
+    Args:
+        records: ``(start, end, status, images)`` per request; status 200 or ``"OK"`` = ok.
+    """
     in_window = [r for r in records if warm_end <= r[1] <= end]
-    good = [r for r in in_window if r[2] == 200]
+    good = [r for r in in_window if r[2] in (200, "OK")]
+    rejected = sum(1 for r in in_window if r[2] in (429, "RESOURCE_EXHAUSTED"))
     latencies = np.array([(r[1] - r[0]) * 1000 for r in good]) if good else np.array([np.nan])
     return CellResult(
         concurrency=concurrency, window_s=round(duration_s, 2), completed=len(in_window),
@@ -141,12 +174,13 @@ async def _run_cell(base_url: str, requests: Sequence[HttpRequest], concurrency:
                     "p95": round(float(np.percentile(latencies, 95)), 1),
                     "p99": round(float(np.percentile(latencies, 99)), 1),
                     "mean": round(float(np.mean(latencies)), 1)},
-        client_cpu_s=round(cpu, 2), error_samples=samples)
+        client_cpu_s=round(cpu_s, 2), error_samples=samples,
+        extra={"rejected_overload": rejected, "cancelled_after_window": cancelled})
 
 
 def run_cell(base_url: str, requests: Sequence[HttpRequest], concurrency: int, *,
              warmup_s: float, duration_s: float, max_requests: int = 50_000,
-             timeout_s: float = 60.0) -> CellResult:
+             timeout_s: float = 60.0, drain_s: float = 15.0) -> CellResult:
     """Drive ``base_url`` (loopback only) with ``concurrency`` closed-loop clients.
 
     Args:
@@ -157,6 +191,8 @@ def run_cell(base_url: str, requests: Sequence[HttpRequest], concurrency: int, *
         duration_s: the measuring window, seconds.
         max_requests: hard cap on requests sent in this cell.
         timeout_s: per-request timeout.
+        drain_s: after the window, how long in-flight requests may finish before they are
+            cancelled.
 
     Raises:
         ValueError: ``base_url`` is not on 127.0.0.1.
@@ -164,7 +200,7 @@ def run_cell(base_url: str, requests: Sequence[HttpRequest], concurrency: int, *
     if urlsplit(base_url).hostname != "127.0.0.1":
         raise ValueError(f"refusing to send load anywhere but 127.0.0.1: {base_url}")
     result = asyncio.run(_run_cell(base_url, requests, concurrency, warmup_s, duration_s,
-                                   max_requests, timeout_s))
+                                   max_requests, timeout_s, drain_s))
     logger.info("c=%d: %.1f images/s, p50 %.1f ms, p99 %.1f ms, %d errors", concurrency,
                 result.images_per_s, result.latency_ms["p50"], result.latency_ms["p99"],
                 result.errors)

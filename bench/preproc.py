@@ -18,18 +18,29 @@ from models.preprocessing import PreprocessSpec, load_rgb, resize_center_crop
 logger = logging.getLogger(__name__)
 
 
-def _time_per_image(photos: Sequence[Photo], spec: PreprocessSpec, draft: bool,
-                    min_seconds: float) -> tuple[float, int]:
-    """Mean seconds per image over whole passes of ``photos`` lasting >= ``min_seconds``."""
+def _pass_seconds(photos: Sequence[Photo], spec: PreprocessSpec, draft: bool) -> float:
+    """Seconds for one decode + resize + crop pass over ``photos``."""
     draft_size = spec.resize_size if draft else None
-    count, started = 0, time.perf_counter()
-    while True:
-        for photo in photos:
-            resize_center_crop(load_rgb(photo.data, draft_size=draft_size), spec)
-            count += 1
-        elapsed = time.perf_counter() - started
-        if elapsed >= min_seconds:
-            return elapsed / count, count
+    started = time.perf_counter()
+    for photo in photos:
+        resize_center_crop(load_rgb(photo.data, draft_size=draft_size), spec)
+    return time.perf_counter() - started
+
+
+def _time_per_image(photos: Sequence[Photo], spec: PreprocessSpec, min_seconds: float
+                    ) -> tuple[float, float]:
+    """Mean seconds per image without and with draft mode.
+
+    Passes alternate (off, on, off, on...) until both together took ``min_seconds``, so a
+    change in machine load hits both variants alike.
+    """
+    off = on = 0.0
+    rounds = 0
+    while off + on < min_seconds or rounds < 2:
+        off += _pass_seconds(photos, spec, False)
+        on += _pass_seconds(photos, spec, True)
+        rounds += 1
+    return off / (rounds * len(photos)), on / (rounds * len(photos))
 
 
 def draft_mode_table(photos: Sequence[Photo], spec: PreprocessSpec, seconds: float
@@ -55,8 +66,7 @@ def draft_mode_table(photos: Sequence[Photo], spec: PreprocessSpec, seconds: flo
     for group, members in groups.items():
         if not members:
             continue
-        off, _ = _time_per_image(members, spec, False, seconds)
-        on, _ = _time_per_image(members, spec, True, seconds)
+        off, on = _time_per_image(members, spec, seconds)
         diffs = [np.abs(resize_center_crop(load_rgb(p.data), spec).astype(np.int16)
                         - resize_center_crop(load_rgb(p.data, draft_size=spec.resize_size),
                                              spec).astype(np.int16)).mean()

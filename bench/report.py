@@ -142,8 +142,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_fmt(pipe['shared_cores_images_per_s'])} |",
         ]
     lines += ["", "## Services over loopback HTTP", "",
-              "| system | endpoint | concurrency | images/s | p50 ms | p95 ms | p99 ms | errors "
-              "| mean batch | client CPU s |",
+              "| system | endpoint | concurrency | images/s | p50 ms | p95 ms | p99 ms | "
+              "errors / responses | mean batch | client CPU s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for key, entry in result["systems"].items():
         if entry.get("status") != "ok":
@@ -151,13 +151,20 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{entry.get('reason', '')[:300]} | | | | | | |")
             continue
         for endpoint, data in entry["endpoints"].items():
+            if data.get("status", "ok") != "ok":
+                lines.append(f"| {entry['title']} | {endpoint} | | not measured: "
+                             f"{(data.get('reason') or '')[:300]} | | | | | | |")
+                continue
             for c in data["cells"]:
                 lat = c["latency_ms"]
+                errors = str(c["errors"])
+                if c.get("rejected_overload"):
+                    errors += f" ({c['rejected_overload']} overload)"
                 lines.append(
                     f"| {entry['title']} | {endpoint} | {c['concurrency']} | "
                     f"{_fmt(c['images_per_s'])} | {_fmt(lat['p50'])} | {_fmt(lat['p95'])} | "
-                    f"{_fmt(lat['p99'])} | {c['errors']} | {_fmt(c.get('mean_batch_size'), 2)} "
-                    f"| {_fmt(c['client_cpu_s'])} |")
+                    f"{_fmt(lat['p99'])} | {errors} / {c['completed']} | "
+                    f"{_fmt(c.get('mean_batch_size'), 2)} | {_fmt(c['client_cpu_s'])} |")
     lines += ["", "## Memory (process tree, MiB)", "",
               "| system | idle peak RSS | idle peak PSS | load peak RSS | load peak PSS | "
               "processes |", "|---|---|---|---|---|---|"]
@@ -191,9 +198,11 @@ def markdown(result: dict[str, Any]) -> str:
             self_top = ", ".join(f"{f} {p}%" for f, p in data["self_pct"][:6])
             lines.append(f"- **{process}** ({data['samples']} samples). Inclusive: {top}. "
                          f"Self: {self_top}.")
-    grpc = result.get("grpc")
-    lines += ["", f"gRPC: {grpc['status']}" + (f" ({grpc['reason']})" if grpc.get("reason")
-                                                else "")]
+    grpc = result.get("grpc") or {}
+    lines += ["", f"gRPC: {grpc.get('status')}"
+              + (f", best {grpc['images_per_s']} images/s at c={grpc['best_concurrency']}"
+                 if grpc.get("images_per_s") is not None else "")
+              + (f" ({grpc['reason']})" if grpc.get("reason") else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -209,6 +218,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if entry.get("status") != "ok":
             continue
         for endpoint, data in entry["endpoints"].items():
+            if data.get("status", "ok") != "ok":
+                continue
             xs = [c["concurrency"] for c in data["cells"]]
             ys = [c["images_per_s"] for c in data["cells"]]
             ax.plot(xs, ys, marker="o", label=f"{entry['title']} /{endpoint}")

@@ -52,14 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _grpc_status() -> dict[str, Any]:
-    """gRPC is measured once the service has a gRPC front (``service/grpc*``)."""
-    found = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "service").glob("grpc*"))
-    if not found:
-        return {"status": "not measured", "reason": "the service has no gRPC front yet "
-                "(no service/grpc*)", "images_per_s": None}
-    return {"status": "not measured", "reason": f"gRPC front present ({', '.join(found)}) but "
-            "this harness has no gRPC load generator for it yet", "images_per_s": None}
+def _grpc_status(result: dict[str, Any]) -> dict[str, Any]:
+    """Whether gRPC was measured, and its best throughput when it was."""
+    files = systems.grpc_front_files()
+    if not files:
+        return {"status": "not measured", "reason": "the service has no gRPC front "
+                "(no service/grpc* or service/kserve/grpc*)", "images_per_s": None}
+    ours = result["systems"].get("cnn_codes", {})
+    entry = ours.get("endpoints", {}).get("grpc_embed")
+    if entry is None:
+        return {"status": "not measured", "files": files, "images_per_s": None,
+                "reason": ours.get("reason") or "gRPC stubs did not import (see log)"}
+    if entry.get("status") != "ok":
+        return {"status": "not measured", "files": files, "images_per_s": None,
+                "reason": entry.get("reason")}
+    best = max(entry["cells"], key=lambda c: c["images_per_s"])
+    return {"status": "measured", "files": files, "images_per_s": best["images_per_s"],
+            "best_concurrency": best["concurrency"]}
 
 
 def _limits(args: argparse.Namespace, photos: list, model, spec, quick: bool
@@ -84,9 +93,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = systems.Plan(
         concurrency=tuple(int(c) for c in args.concurrency.split(",")),
         warmup_s=args.warmup if args.warmup is not None else (1.0 if quick else 3.0),
-        duration_s=args.duration if args.duration is not None else (3.0 if quick else 12.0),
+        duration_s=args.duration if args.duration is not None else (3.0 if quick else 10.0),
         idle_s=2.0 if quick else 5.0,
         profile_s=0 if args.no_profile else (4 if quick else 10),
+        drain_s=5.0 if quick else 15.0,
     )
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(wanted) - set(SYSTEMS)
@@ -140,7 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                       "reason": f"{type(exc).__name__}: {exc}"[:3000]}
             continue
         result["systems"][key] = systems.measure(system, plan, work_dir)
-    result["grpc"] = _grpc_status()
+    result["grpc"] = _grpc_status(result)
 
     result["load_average_end"] = load_average()
     result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

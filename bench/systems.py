@@ -40,6 +40,7 @@ class Plan:
         profile_s: py-spy seconds on one extra cell (0 = no profile).
         profile_concurrency: concurrency of that cell.
         max_requests: cap on requests per cell.
+        drain_s: after a window, how long in-flight requests may finish before cancellation.
     """
 
     concurrency: tuple[int, ...]
@@ -49,14 +50,24 @@ class Plan:
     profile_s: int = 0
     profile_concurrency: int = 32
     max_requests: int = 50_000
+    drain_s: float = 15.0
 
 
 @dataclass
 class Endpoint:
-    """One route of a system and the pre-encoded requests that drive it."""
+    """One route of a system and the pre-encoded requests that drive it.
+
+    Attributes:
+        label: key in the JSON (``embed``, ``classify``, ``grpc_embed``).
+        requests: :class:`HttpRequest` for HTTP, ``ModelInferRequest`` for gRPC.
+        protocol: ``http`` or ``grpc``.
+        target: ``127.0.0.1:PORT`` of a gRPC endpoint.
+    """
 
     label: str
-    requests: list[HttpRequest]
+    requests: list[Any]
+    protocol: str = "http"
+    target: str | None = None
 
 
 @dataclass
@@ -90,7 +101,7 @@ class System:
     profile: bool = False
 
 
-def _pause_until_idle(seconds: float = 1.0) -> None:
+def _pause_until_idle(seconds: float = 2.0) -> None:
     """A short gap between cells so one cell's queue does not spill into the next."""
     time.sleep(seconds)
 
@@ -112,19 +123,24 @@ def measure(system: System, plan: Plan, work_dir: Path) -> dict[str, Any]:
             memory.sample()
             memory.phase = "load"
             for endpoint in system.endpoints:
+                problem = _unavailable(endpoint)
+                if problem is not None:
+                    result["endpoints"][endpoint.label] = {"status": "failed", "reason": problem,
+                                                           "protocol": endpoint.protocol}
+                    continue
                 cells = []
                 for concurrency in plan.concurrency:
                     before = (scrape_histogram(system.url, system.batch_metric)
                               if system.batch_metric else None)
-                    cell = run_cell(system.url, endpoint.requests, concurrency,
-                                    warmup_s=plan.warmup_s, duration_s=plan.duration_s,
-                                    max_requests=plan.max_requests)
+                    cell = _drive(system, endpoint, concurrency, plan, plan.duration_s,
+                                  plan.warmup_s)
                     if before is not None and system.batch_metric:
                         after = scrape_histogram(system.url, system.batch_metric)
                         cell.extra.update(batch_summary(after.minus(before)))
                     cells.append(cell.as_dict())
                     _pause_until_idle()
-                result["endpoints"][endpoint.label] = {"cells": cells}
+                result["endpoints"][endpoint.label] = {"status": "ok", "cells": cells,
+                                                       "protocol": endpoint.protocol}
             memory.sample()
             if system.profile and plan.profile_s > 0:
                 memory.phase = "profile"
@@ -138,6 +154,37 @@ def measure(system: System, plan: Plan, work_dir: Path) -> dict[str, Any]:
     return result
 
 
+def _drive(system: System, endpoint: Endpoint, concurrency: int, plan: Plan,
+           duration_s: float, warmup_s: float) -> Any:
+    """One load cell on ``endpoint`` over its protocol."""
+    if endpoint.protocol == "grpc":
+        from bench import grpcload
+
+        assert endpoint.target is not None
+        return grpcload.run_cell(endpoint.target, endpoint.requests, concurrency,
+                                 warmup_s=warmup_s, duration_s=duration_s,
+                                 max_requests=plan.max_requests, drain_s=plan.drain_s)
+    return run_cell(system.url, endpoint.requests, concurrency, warmup_s=warmup_s,
+                    duration_s=duration_s, max_requests=plan.max_requests, drain_s=plan.drain_s)
+
+
+def _unavailable(endpoint: Endpoint, timeout_s: float = 30.0) -> str | None:
+    """None when ``endpoint`` can take load; else why not (gRPC front not serving)."""
+    if endpoint.protocol != "grpc":
+        return None
+    from bench import grpcload
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if grpcload.server_ready(endpoint.target or ""):
+                return None
+        except Exception as exc:  # import errors, channel errors: report them
+            return f"gRPC front not usable: {type(exc).__name__}: {exc}"[:1000]
+        time.sleep(1.0)
+    return f"gRPC ServerReady on {endpoint.target} not true within {timeout_s:.0f} s"
+
+
 def _profile(system: System, plan: Plan, work_dir: Path) -> dict[str, Any]:
     """py-spy over the server tree during one extra cell on the first endpoint."""
     endpoint = system.endpoints[0]
@@ -146,8 +193,7 @@ def _profile(system: System, plan: Plan, work_dir: Path) -> dict[str, Any]:
     if spy is None:
         return {"status": "py-spy not installed"}
     time.sleep(1.0)  # py-spy attaches
-    cell = run_cell(system.url, endpoint.requests, plan.profile_concurrency, warmup_s=0.0,
-                    duration_s=plan.profile_s, max_requests=plan.max_requests)
+    cell = _drive(system, endpoint, plan.profile_concurrency, plan, plan.profile_s, 0.0)
     try:
         spy_out, _ = spy.communicate(timeout=plan.profile_s + 60)
     except Exception:  # a hung py-spy must not hang the run
@@ -187,9 +233,10 @@ def _embedding(url: str, photo: Photo) -> np.ndarray:
 def cnn_codes_system(model: BenchModel, photos: Sequence[Photo], work_dir: Path,
                      shared: dict[str, Any], profile: bool) -> System:
     """Our service: ``cnn-codes serve`` with default settings and its own ``BENTOML_HOME``."""
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
-    env = offline_env(BENTOML_HOME=str(work_dir / f"bentoml-{port}"))
+    env = offline_env(BENTOML_HOME=str(work_dir / f"bentoml-{port}"),
+                      CNN_CODES_GRPC_PORT=str(grpc_port))
     argv = [sys.executable, "-m", "cnn_codes.cli", "serve", "--host", "127.0.0.1", "--port",
             str(port), "--repository", str(model.repository), "--model", model.ref]
     server = ManagedServer("cnn-codes", argv, env, REPO_ROOT, work_dir / "logs" / "cnn-codes.log")
@@ -200,13 +247,37 @@ def cnn_codes_system(model: BenchModel, photos: Sequence[Photo], work_dir: Path,
         return {"embedding_dim": int(vector.size),
                 "embedding_norm": round(float(np.linalg.norm(vector)), 4)}
 
+    endpoints = [Endpoint("embed", _embed_requests(photos)),
+                 Endpoint("classify", _classify_requests(photos))]
+    grpc = grpc_endpoint(model, photos, grpc_port)
+    if grpc is not None:
+        endpoints.append(grpc)
     return System("cnn_codes", "cnn-codes (BentoML + onnxruntime)", server, url,
-                  lambda: http_ok(f"{url}/readyz"),
-                  [Endpoint("embed", _embed_requests(photos)),
-                   Endpoint("classify", _classify_requests(photos))],
+                  lambda: http_ok(f"{url}/readyz"), endpoints,
                   batch_metric="cnn_codes_batch_size", sanity=sanity, profile=profile,
                   notes=["default settings: 1 API worker, max_batch_size 32, "
                          "onnxruntime intra-op threads = all cores"])
+
+
+def grpc_front_files() -> list[str]:
+    """The service's gRPC front modules, if it has one (``service/grpc*``, ``service/kserve``)."""
+    service = REPO_ROOT / "service"
+    found = [*service.glob("grpc*"), *service.glob("kserve/grpc*")]
+    return sorted(str(p.relative_to(REPO_ROOT)) for p in found)
+
+
+def grpc_endpoint(model: BenchModel, photos: Sequence[Photo], port: int) -> Endpoint | None:
+    """KServe v2 ``ModelInfer`` (BYTES input, ``embedding`` output), when the front exists."""
+    if not grpc_front_files():
+        return None
+    try:
+        from bench import grpcload
+
+        requests = grpcload.infer_requests(photos, model.name)
+    except Exception as exc:  # the front exists but its stubs do not import (yet)
+        logger.warning("gRPC front present but not usable: %s", exc)
+        return None
+    return Endpoint("grpc_embed", requests, protocol="grpc", target=f"127.0.0.1:{port}")
 
 
 def fastapi_system(model: BenchModel, photos: Sequence[Photo], work_dir: Path,
@@ -267,7 +338,7 @@ def torchserve_system(model: BenchModel, photos: Sequence[Photo], work_dir: Path
     return System("torchserve", "TorchServe (stock image_classifier)", instance.server,
                   instance.url, ready,
                   [Endpoint("classify", [raw_request(path, p) for p in photos])],
-                  sanity=sanity, ready_timeout_s=300, profile=False,
+                  sanity=sanity, ready_timeout_s=300, profile=profile,
                   notes=["TorchServe 0.12.0, stock defaults: batch size 1, workers = cores; "
                          "handler = stock ImageClassifier with topk 2 (K=2)",
                          "stock preprocessing: Resize(256) (ours: 232 for this preset), no "
