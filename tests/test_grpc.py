@@ -537,7 +537,7 @@ def test_http_and_grpc_requests_share_batches(oip, client, card, published, phot
         return {le: metric(oip.url, "cnn_codes_batch_size_bucket", le=le)
                 for le in ("1.0", "2.0")}
 
-    for _ in range(12):
+    for _ in range(20):
         before = buckets()
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             blockers = [pool.submit(grpc_call, blocker) for _ in range(2)]
@@ -550,7 +550,7 @@ def test_http_and_grpc_requests_share_batches(oip, client, card, published, phot
         pairs = (after["2.0"] - before["2.0"]) - (after["1.0"] - before["1.0"])
         if pairs >= 1:
             return
-    pytest.fail("in 12 rounds no batch held both the HTTP and the gRPC request")
+    pytest.fail("in 20 rounds no batch held both the HTTP and the gRPC request")
 
 
 # -- not-ready and overload: the same front over a stand-in Encoder -----------------------
