@@ -72,7 +72,12 @@ def test_balanced_class_weights_and_early_stopping_rule():
     assert (state.best, state.best_epoch, state.bad_epochs, state.stop) == (0.6, 2, 2, False)
 
 
-def test_config_validation_and_device_selection():
+def test_config_validation_and_device_selection(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("data: /x\nbatch-size: 8\nlr: 0.1\nmode: feature-extract\n")
+    config = TrainConfig.from_file(file, lr=0.02, epochs=None, unfreeze_after=4)
+    assert (config.batch_size, config.lr, config.epochs, config.unfreeze_after) == (8, 0.02, 5, 4)
+    assert config.data == Path("/x")
     with pytest.raises(ValidationError, match="feature-extract"):
         config_for(Path("."), mode="finetune", unfreeze_after=2)
     with pytest.raises(ValidationError):
