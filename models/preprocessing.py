@@ -115,11 +115,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# Formats the service accepts (Pillow format names); MPO is the multi-picture JPEG of cameras.
+SERVING_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF"})
+
+
 def load_rgb(
     data: bytes,
     *,
     draft_size: int | None = None,
     max_pixels: int | None = None,
+    min_side: int | None = None,
+    formats: frozenset[str] | None = None,
 ) -> Image.Image:
     """Decode encoded image bytes to an RGB Pillow image.
 
@@ -131,13 +137,17 @@ def load_rgb(
         data: the encoded file (JPEG, PNG, GIF, WebP, BMP, TIFF, ...).
         draft_size: smallest side, pixels, that JPEG draft decoding must keep; None = off.
         max_pixels: refuse images with more pixels than this (decompression bombs);
-            None keeps Pillow's own ``Image.MAX_IMAGE_PIXELS`` guard.
+            None keeps Pillow's own ``Image.MAX_IMAGE_PIXELS`` guard (which stays on either
+            way: Pillow raises for more than twice its limit).
+        min_side: refuse images whose shorter side is below this, pixels.
+        formats: accepted Pillow format names (e.g. :data:`SERVING_FORMATS`); None = any.
 
     Returns:
         A fully loaded RGB image.
 
     Raises:
-        ImageDecodeError: ``empty``, ``not_an_image``, ``too_many_pixels``, ``truncated``.
+        ImageDecodeError: ``empty``, ``not_an_image``, ``unsupported_format``,
+            ``too_many_pixels``, ``too_small``, ``truncated``.
     """
     if not data:
         raise ImageDecodeError("empty", "the file is empty (0 bytes)")
@@ -147,7 +157,14 @@ def load_rgb(
         raise ImageDecodeError("not_an_image", "not a recognised image format") from None
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError("too_many_pixels", str(exc)) from None
+    if formats is not None and image.format not in formats:
+        raise ImageDecodeError(
+            "unsupported_format",
+            f"{image.format} images are not accepted; send one of {sorted(formats)}")
     width, height = image.size
+    if min_side is not None and min(width, height) < min_side:
+        raise ImageDecodeError(
+            "too_small", f"{width}x{height} pixels: both sides must be at least {min_side}")
     limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > limit:
         raise ImageDecodeError(
@@ -199,14 +216,15 @@ def resize_center_crop(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 
 
 def preprocess_bytes(
-    data: bytes, spec: PreprocessSpec, *, max_pixels: int | None = None
+    data: bytes, spec: PreprocessSpec, *, max_pixels: int | None = None,
+    min_side: int | None = None, formats: frozenset[str] | None = None,
 ) -> np.ndarray:
     """Encoded bytes -> model input for one image: decode, RGB, resize, centre crop.
 
     Args:
         data: encoded image file.
         spec: the model's preprocessing spec.
-        max_pixels: decompression-bomb limit (see :func:`load_rgb`).
+        max_pixels, min_side, formats: input limits (see :func:`load_rgb`).
 
     Returns:
         ``(crop_size, crop_size, 3)`` uint8 RGB array.
@@ -214,7 +232,8 @@ def preprocess_bytes(
     Raises:
         ImageDecodeError: when the bytes are not a usable image.
     """
-    image = load_rgb(data, draft_size=spec.resize_size, max_pixels=max_pixels)
+    image = load_rgb(data, draft_size=spec.resize_size, max_pixels=max_pixels,
+                     min_side=min_side, formats=formats)
     return resize_center_crop(image, spec)
 
 

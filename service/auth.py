@@ -13,7 +13,9 @@ def bearer_token(header_value: str | None) -> str | None:
     if not header_value:
         return None
     scheme, _, token = header_value.strip().partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
 
 
 def check_api_key(header_value: str | None, keys: Iterable[SecretStr | str]) -> bool:

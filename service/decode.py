@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_bytes
+from models.preprocessing import (SERVING_FORMATS, ImageDecodeError, PreprocessSpec,
+                                  preprocess_bytes)
 from service import metrics
 from service.schemas import ItemError
 
@@ -30,8 +31,8 @@ class DecodedBatch:
     errors: dict[int, ItemError]
 
 
-def decode_images(payloads: list[bytes], spec: PreprocessSpec, *,
-                  max_pixels: int) -> DecodedBatch:
+def decode_images(payloads: list[bytes], spec: PreprocessSpec, *, max_pixels: int,
+                  min_side: int = 1) -> DecodedBatch:
     """Decode, convert to RGB, resize and centre-crop each payload independently.
 
     Blocking (Pillow); call it from a worker thread. Records decode time and error metrics.
@@ -40,6 +41,7 @@ def decode_images(payloads: list[bytes], spec: PreprocessSpec, *,
         payloads: encoded image files, in request order.
         spec: the served model's preprocessing spec.
         max_pixels: width*height limit per image (decompression bombs).
+        min_side: shortest accepted side, pixels.
 
     Returns:
         The good images stacked, their positions, and per-position errors.
@@ -50,7 +52,8 @@ def decode_images(payloads: list[bytes], spec: PreprocessSpec, *,
     for index, data in enumerate(payloads):
         started = time.perf_counter()
         try:
-            arrays.append(preprocess_bytes(data, spec, max_pixels=max_pixels))
+            arrays.append(preprocess_bytes(data, spec, max_pixels=max_pixels,
+                                           min_side=min_side, formats=SERVING_FORMATS))
             positions.append(index)
         except ImageDecodeError as exc:
             errors[index] = ItemError(code=exc.code, message=exc.message)

@@ -84,7 +84,8 @@ class InferencePipeline:
         self.check_count(len(payloads))
         metrics.REQUEST_IMAGES.labels(endpoint=endpoint).observe(len(payloads))
         decoded = await asyncio.to_thread(decode_images, payloads, self.card.preprocessing,
-                                          max_pixels=self.settings.max_image_pixels)
+                                          max_pixels=self.settings.max_image_pixels,
+                                          min_side=self.settings.min_image_side)
         outputs = await self.encode_arrays(decoded.arrays) if len(decoded.arrays) else None
         self.count(endpoint, protocol, ok=len(decoded.positions), failed=len(decoded.errors))
         return PipelineResult(decoded=decoded, outputs=outputs)

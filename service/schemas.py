@@ -53,12 +53,21 @@ class ClassifyResponse(BaseModel):
     results: list[ClassifyItem]
 
 
+VectorDType = Literal["float32", "float16"]
+VectorEncoding = Literal["list", "base64"]
+
+
 class EmbedItem(BaseModel):
-    """Result for the image at ``index``: the ``dim``-long vector, or ``error``."""
+    """Result for the image at ``index``: the ``dim``-long vector, or ``error``.
+
+    ``embedding`` is a JSON list of numbers (``encoding=list``) or the base64 of the vector's
+    little-endian bytes (``encoding=base64``; decode with
+    ``numpy.frombuffer(base64.b64decode(s), dtype="<f4" or "<f2")``).
+    """
 
     index: int
     filename: str | None = None
-    embedding: list[float] | None = None
+    embedding: list[float] | str | None = None
     error: ItemError | None = None
 
 
@@ -68,6 +77,7 @@ class EmbedResponse(BaseModel):
     model: ModelRef
     layer: Layer
     dim: int = Field(description="length of every vector")
-    dtype: Literal["float32"] = "float32"
+    dtype: VectorDType = "float32"
+    encoding: VectorEncoding = "list"
     normalized: bool = Field(description="vectors are L2-normalised")
     results: list[EmbedItem]

@@ -14,6 +14,7 @@ Run with ``cnn-codes serve`` (or ``bentoml serve service.service:CNNCodes``); se
 """
 
 import asyncio
+import base64
 import logging
 import time
 from http import HTTPStatus
@@ -35,6 +36,8 @@ from starlette.routing import Route  # noqa: E402
 
 from models.card import ModelCard  # noqa: E402
 from service import metrics  # noqa: E402
+from service import no_fetch  # noqa: E402
+from service.gateway import Gateway  # noqa: E402
 from service.kserve import grpc_server as kserve_grpc  # noqa: E402
 from service.kserve.http import RequestMetricsMiddleware  # noqa: E402
 from service.kserve.http import routes as kserve_routes  # noqa: E402
@@ -43,7 +46,7 @@ from service.pipeline import (EmptyRequest, InferencePipeline, PipelineResult,  
                               RequestTooLarge, l2_normalize, softmax)
 from service.pipeline import top_k as top_k_indices  # noqa: E402
 from service.schemas import (ClassifyItem, ClassifyResponse, ClassScore, EmbedItem,  # noqa: E402
-                             EmbedResponse, Layer, ModelRef)
+                             EmbedResponse, Layer, ModelRef, VectorDType, VectorEncoding)
 
 logger = logging.getLogger("cnn_codes.service")
 
@@ -135,7 +138,9 @@ _routes = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]),
 @bentoml.asgi_app(_routes, path="/")
 @bentoml.service(
     name="cnn_codes", workers=SETTINGS.api_workers,
-    traffic={"timeout": SETTINGS.request_timeout_s, "max_concurrency": SETTINGS.max_concurrency},
+    # No BentoML max_concurrency: the Gateway bounds concurrency itself so its 429 can carry
+    # Retry-After (BentoML's limiter sits outside user middleware and sends none).
+    traffic={"timeout": SETTINGS.request_timeout_s},
 )
 class CNNCodes:
     """HTTP API: ``/classify``, ``/embed``, ``GET /metadata``; ready after a canary inference."""
@@ -221,21 +226,29 @@ class CNNCodes:
         images: list[Path],
         layer: Layer = "embedding",
         normalize: bool = True,
+        dtype: VectorDType = "float32",
+        encoding: VectorEncoding = "list",
     ) -> EmbedResponse:
         """CNN code per image: ``embedding`` (penultimate layer, D) or ``features`` (pooled
-        conv output, C), float32, L2-normalised when ``normalize``."""
+        conv output, C), L2-normalised when ``normalize``, as ``dtype``, encoded as a JSON
+        ``list`` or ``base64`` of little-endian bytes."""
         result = await self._run("embed", images)
-        vectors: dict[int, list[float]] = {}
+        vectors: dict[int, list[float] | str] = {}
         if result.outputs is not None:
             matrix = result.outputs[layer]
             matrix = l2_normalize(matrix) if normalize else matrix.astype(np.float32)
-            vectors = {pos: matrix[row].tolist()
-                       for row, pos in enumerate(result.decoded.positions)}
+            matrix = matrix.astype("<f2" if dtype == "float16" else "<f4")
+            for row, position in enumerate(result.decoded.positions):
+                vectors[position] = (base64.b64encode(matrix[row].tobytes()).decode("ascii")
+                                     if encoding == "base64" else matrix[row].tolist())
         results = [EmbedItem(index=i, filename=client_filename(path), embedding=vectors.get(i),
                              error=result.decoded.errors.get(i)) for i, path in enumerate(images)]
         return EmbedResponse(model=self.model_ref, layer=layer, dim=self.card.dim(layer),
-                             normalized=normalize, results=results)
+                             dtype=dtype, encoding=encoding, normalized=normalize,
+                             results=results)
 
 
+no_fetch.install()
 CNNCodes.add_asgi_middleware(RequestMetricsMiddleware)  # outermost: counts every answer
 CNNCodes.add_asgi_middleware(ErrorEnvelopeMiddleware)
+CNNCodes.add_asgi_middleware(Gateway, settings=SETTINGS)

@@ -147,8 +147,10 @@ def test_bad_image_fails_alone(server, data_dir):
 
 def test_malformed_requests_get_4xx_json(server, data_dir):
     url = server.url
-    no_images = httpx.post(f"{url}/classify", data={"top_k": "1"}, timeout=TIMEOUT)
+    no_images = httpx.post(f"{url}/classify", files={"top_k": (None, "1")}, timeout=TIMEOUT)
     assert no_images.status_code == 400 and "images" in no_images.text
+    form = httpx.post(f"{url}/classify", data={"top_k": "1"}, timeout=TIMEOUT)
+    assert form.status_code == 415 and "multipart/form-data" in form.json()["error"]
     bad_k = httpx.post(f"{url}/classify", files=multipart(val_images(data_dir, 1)[:1]),
                        data={"top_k": "0"}, timeout=TIMEOUT)
     assert bad_k.status_code == 400 and "top_k" in bad_k.json()["detail"][0]["loc"]

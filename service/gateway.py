@@ -1,0 +1,199 @@
+"""The API service's front door (ASGI middleware): auth, overload, body limit, input formats.
+
+In order, for every HTTP request:
+
+1. **Auth**: when API keys are configured, paths outside ``open_paths`` need
+   ``Authorization: Bearer <key>`` (401 otherwise, RFC 6750).
+2. **Overload**: at most ``max_concurrency`` requests in flight per worker; the next one gets
+   429 with ``Retry-After`` at once instead of queueing (Infinity/Triton behaviour).
+3. **Body limit**: bodies above ``max_request_bytes`` get 413 (BentoML has no limit of its own).
+4. **Input formats** for ``/classify`` and ``/embed``: multipart (passed through), a raw image
+   body (``image/*`` or ``application/octet-stream``, options as query parameters) or JSON
+   ``{"images": [{"b64": "..."}], ...options}``; the latter two are transcoded to the
+   multipart form the routes declare, so there is one validation path. Other content types
+   get 415.
+
+Every error body is JSON ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cnn_codes.settings import Settings
+from service.auth import check_api_key
+
+INFER_PATHS = frozenset({"/classify", "/embed"})
+RAW_TYPES = ("image/", "application/octet-stream")
+
+
+class RequestRejected(Exception):
+    """A request refused before it reaches a route: HTTP ``status`` with ``message``."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def encode_multipart(files: list[tuple[str, bytes]], fields: dict[str, str]) -> tuple[bytes, str]:
+    """``multipart/form-data`` body (RFC 7578) with each file as a part named ``images``.
+
+    Returns:
+        (body, content type with boundary).
+    """
+    boundary = uuid.uuid4().hex
+    chunks: list[bytes] = []
+    for name, value in fields.items():
+        chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+                      .encode() + value.encode() + b"\r\n")
+    for filename, data in files:
+        safe = filename.replace('"', "").replace("\r", "").replace("\n", "")
+        chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="images"; '
+                      f'filename="{safe}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+                      .encode() + data + b"\r\n")
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+
+
+def _field_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def transcode_json(body: bytes) -> tuple[bytes, str]:
+    """``{"images": [{"b64": ..., "filename"?: ...}], **options}`` -> multipart.
+
+    Raises:
+        RequestRejected: 400 naming what is wrong (not JSON, no images, bad base64).
+    """
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestRejected(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("images"), list):
+        raise RequestRejected(400, 'expected a JSON object {"images": [{"b64": "..."}], ...}')
+    files: list[tuple[str, bytes]] = []
+    for index, item in enumerate(document["images"]):
+        if not isinstance(item, dict) or not isinstance(item.get("b64"), str):
+            raise RequestRejected(400, f'images[{index}] must be an object {{"b64": "..."}}')
+        try:
+            data = base64.b64decode(item["b64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestRejected(400, f"images[{index}].b64 is not valid base64") from None
+        filename = item.get("filename")
+        files.append((filename if isinstance(filename, str) else f"images[{index}]", data))
+    options = {k: _field_text(v) for k, v in document.items() if k != "images"}
+    return encode_multipart(files, options)
+
+
+def transcode_raw(body: bytes, query_string: bytes) -> tuple[bytes, str]:
+    """A raw image body plus ``?option=value`` query parameters -> multipart."""
+    options = dict(parse_qsl(query_string.decode("latin-1")))
+    return encode_multipart([("body", body)], options)
+
+
+class Gateway:
+    """ASGI middleware implementing the module's steps; one instance per API worker.
+
+    Args:
+        app: the downstream ASGI app (BentoML's routes).
+        settings: limits, keys, open paths.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.open_paths = frozenset(settings.open_paths)
+        self._in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self._handle(scope, receive, send)
+        except RequestRejected as exc:
+            response = JSONResponse({"error": exc.message}, status_code=exc.status,
+                                    headers=exc.headers)
+            await response(scope, receive, send)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        if path in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        if not check_api_key(headers.get("authorization"), self.settings.api_keys):
+            raise RequestRejected(401, "missing or invalid API key: send 'Authorization: "
+                                  "Bearer <key>'", {"WWW-Authenticate": "Bearer"})
+        if self._in_flight >= self.settings.max_concurrency:
+            raise RequestRejected(
+                429, f"overloaded: {self._in_flight} requests in flight; retry later",
+                {"Retry-After": str(self.settings.retry_after_s)})
+        self._in_flight += 1
+        try:
+            if scope["method"] == "POST" and path in INFER_PATHS:
+                scope, receive = await self._normalise_body(scope, receive, headers)
+            await self.app(scope, receive, send)
+        finally:
+            self._in_flight -= 1
+
+    async def _read_body(self, receive: Receive, declared: str | None) -> bytes:
+        limit = self.settings.max_request_bytes
+        too_large = RequestRejected(413, f"the request body exceeds the limit of {limit} bytes")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestRejected(400, "the client disconnected before the body ended")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _normalise_body(self, scope: Scope, receive: Receive,
+                              headers: dict[str, str]) -> tuple[Scope, Receive]:
+        """Read the body within the limit; transcode JSON / raw images to multipart."""
+        content_type = headers.get("content-type", "")
+        media_type = content_type.split(";")[0].strip().lower()
+        body = await self._read_body(receive, headers.get("content-length"))
+        if media_type == "multipart/form-data":
+            new_type = content_type
+        elif media_type == "application/json":
+            body, new_type = transcode_json(body)
+        elif media_type.startswith(RAW_TYPES):
+            body, new_type = transcode_raw(body, scope.get("query_string", b""))
+        else:
+            raise RequestRejected(
+                415, f"unsupported content type {media_type or '(none)'}: send multipart/"
+                "form-data, application/json with base64 images, or a raw image/* body")
+        replaced = [(k, v) for k, v in scope["headers"]
+                    if k.lower() not in (b"content-type", b"content-length")]
+        replaced += [(b"content-type", new_type.encode("latin-1")),
+                     (b"content-length", str(len(body)).encode())]
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return {**scope, "headers": replaced}, replay
