@@ -34,8 +34,8 @@ def preprocess_all(photos: Sequence[Photo], spec: PreprocessSpec) -> np.ndarray:
 
 
 def onnx_throughput(onnx_path: Path, repository: Path, name: str, version: int,
-                    arrays: np.ndarray, batch_sizes: Sequence[int], seconds: float
-                    ) -> list[dict[str, Any]]:
+                    arrays: np.ndarray, batch_sizes: Sequence[int], seconds: float,
+                    *, allow_spinning: bool = True) -> list[dict[str, Any]]:
     """Images/s of the served model in onnxruntime, one figure per batch size.
 
     The session is made exactly as the service makes it (:meth:`OnnxEncoder.create` with
@@ -47,6 +47,10 @@ def onnx_throughput(onnx_path: Path, repository: Path, name: str, version: int,
         arrays: preprocessed photos, cycled to fill each batch.
         batch_sizes: e.g. ``(1, 8, 32, 64)``.
         seconds: measuring time per batch size (after two warm-up runs).
+        allow_spinning: onnxruntime's intra-op threads busy-wait between operators (its
+            default, and the service's). False measures the same session with
+            ``session.intra_op.allow_spinning = 0`` (context: the headroom a shared-core
+            deployment would gain).
 
     Returns:
         ``[{"batch": b, "images_per_s", "ms_per_batch_p50", "runs"}]``.
@@ -61,6 +65,15 @@ def onnx_throughput(onnx_path: Path, repository: Path, name: str, version: int,
                                  providers=settings.providers,
                                  allow_cpu_fallback=settings.allow_cpu_fallback,
                                  intra_op_threads=settings.intra_op_threads)
+    if not allow_spinning:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.intra_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        encoder.session = ort.InferenceSession(str(published.onnx_path), sess_options=options,
+                                               providers=encoder.session.get_providers())
     logger.info("onnxruntime limit on %s (%s)", onnx_path, encoder.provider)
     rows = []
     for batch in batch_sizes:
@@ -77,7 +90,7 @@ def onnx_throughput(onnx_path: Path, repository: Path, name: str, version: int,
         elapsed = sum(times)
         rows.append({"batch": batch, "images_per_s": round(batch * len(times) / elapsed, 1),
                      "ms_per_batch_p50": round(statistics.median(times) * 1000, 2),
-                     "runs": len(times)})
+                     "runs": len(times), "allow_spinning": allow_spinning})
         logger.info("onnxruntime batch %d: %.1f images/s", batch, rows[-1]["images_per_s"])
     return rows
 

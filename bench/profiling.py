@@ -62,7 +62,8 @@ def _process_label(frame: str) -> str:
     service = re.search(r"--service-name[ =](\S+)", text)
     if service:
         return f"bentoml worker {service.group(1)}"
-    for key, label in (("model_service_worker", "torchserve worker"), ("uvicorn", "uvicorn"),
+    for key, label in (("model_service_worker", "torchserve worker"),
+                       ("jspawnhelper", "torchserve metric collector"), ("uvicorn", "uvicorn"),
                        ("bentoml serve", "bentoml arbiter")):
         if key in text:
             return label

@@ -129,6 +129,9 @@ def markdown(result: dict[str, Any]) -> str:
         for row in limit["onnxruntime"]:
             lines.append(f"| onnxruntime, batch {row['batch']} "
                          f"({row['ms_per_batch_p50']} ms/batch) | {_fmt(row['images_per_s'])} |")
+        for row in limit.get("onnxruntime_no_spinning", []):
+            lines.append(f"| (context) onnxruntime, batch {row['batch']}, intra-op spinning off "
+                         f"({row['ms_per_batch_p50']} ms/batch) | {_fmt(row['images_per_s'])} |")
         dec = limit["decode"]
         pipe = limit["pipeline"]
         lines += [
@@ -165,6 +168,21 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{_fmt(c['images_per_s'])} | {_fmt(lat['p50'])} | {_fmt(lat['p95'])} | "
                     f"{_fmt(lat['p99'])} | {errors} / {c['completed']} | "
                     f"{_fmt(c.get('mean_batch_size'), 2)} | {_fmt(c['client_cpu_s'])} |")
+    bursts = [(e["title"], e["after_burst"]) for e in result["systems"].values()
+              if e.get("after_burst")]
+    if bursts:
+        lines += ["", "## A lone client right after the heaviest cell", "",
+                  "| system | endpoint | after | images/s | p50 ms | p99 ms | vs first c=1 p50 |",
+                  "|---|---|---|---|---|---|---|"]
+        for title, cell in bursts:
+            key = next(k for k, e in result["systems"].items() if e.get("title") == title)
+            first = _at(_cells(result, key, cell["endpoint"]), 1)
+            ratio = (cell["latency_ms"]["p50"] / first["latency_ms"]["p50"]
+                     if first and first["latency_ms"]["p50"] else None)
+            lines.append(f"| {title} | {cell['endpoint']} | {cell['after']} | "
+                         f"{_fmt(cell['images_per_s'])} | {_fmt(cell['latency_ms']['p50'])} | "
+                         f"{_fmt(cell['latency_ms']['p99'])} | "
+                         f"{'n/a' if ratio is None else f'{ratio:.2f}x'} |")
     lines += ["", "## Memory (process tree, MiB)", "",
               "| system | idle peak RSS | idle peak PSS | load peak RSS | load peak PSS | "
               "processes |", "|---|---|---|---|---|---|"]
@@ -194,10 +212,11 @@ def markdown(result: dict[str, Any]) -> str:
         for process, data in prof["processes"].items():
             if data["samples"] < 20:
                 continue
-            top = ", ".join(f"{f} {p}%" for f, p in data["inclusive_pct"][:8])
-            self_top = ", ".join(f"{f} {p}%" for f, p in data["self_pct"][:6])
-            lines.append(f"- **{process}** ({data['samples']} samples). Inclusive: {top}. "
-                         f"Self: {self_top}.")
+            cats = ", ".join(f"{c} {p}%" for c, p in data.get("categories_pct", []))
+            top = ", ".join(f"{f} {p}%" for f, p in data["inclusive_pct"][:6])
+            self_top = ", ".join(f"{f} {p}%" for f, p in data["self_pct"][:5])
+            lines.append(f"- **{process}** ({data['samples']} samples). By activity: {cats}. "
+                         f"Hottest (inclusive): {top}. Self: {self_top}.")
     grpc = result.get("grpc") or {}
     lines += ["", f"gRPC: {grpc.get('status')}"
               + (f", best {grpc['images_per_s']} images/s at c={grpc['best_concurrency']}"

@@ -41,6 +41,7 @@ class Plan:
         profile_concurrency: concurrency of that cell.
         max_requests: cap on requests per cell.
         drain_s: after a window, how long in-flight requests may finish before cancellation.
+        after_burst: also measure c=1 right after the heaviest cell.
     """
 
     concurrency: tuple[int, ...]
@@ -51,6 +52,7 @@ class Plan:
     profile_concurrency: int = 32
     max_requests: int = 50_000
     drain_s: float = 15.0
+    after_burst: bool = True
 
 
 @dataclass
@@ -122,25 +124,29 @@ def measure(system: System, plan: Plan, work_dir: Path) -> dict[str, Any]:
             time.sleep(plan.idle_s)
             memory.sample()
             memory.phase = "load"
+            live = []
             for endpoint in system.endpoints:
                 problem = _unavailable(endpoint)
                 if problem is not None:
                     result["endpoints"][endpoint.label] = {"status": "failed", "reason": problem,
                                                            "protocol": endpoint.protocol}
-                    continue
-                cells = []
-                for concurrency in plan.concurrency:
-                    before = (scrape_histogram(system.url, system.batch_metric)
-                              if system.batch_metric else None)
-                    cell = _drive(system, endpoint, concurrency, plan, plan.duration_s,
-                                  plan.warmup_s)
-                    if before is not None and system.batch_metric:
-                        after = scrape_histogram(system.url, system.batch_metric)
-                        cell.extra.update(batch_summary(after.minus(before)))
-                    cells.append(cell.as_dict())
+                else:
+                    live.append(endpoint)
+                    result["endpoints"][endpoint.label] = {"status": "ok", "cells": [],
+                                                           "protocol": endpoint.protocol}
+            # Ramp up: every endpoint at c=1, then every endpoint at c=8, ... so no cell follows
+            # a heavier one (adaptive batching remembers recent queueing; see after_burst).
+            for concurrency in plan.concurrency:
+                for endpoint in live:
+                    cell = _measured_cell(system, endpoint, concurrency, plan)
+                    result["endpoints"][endpoint.label]["cells"].append(cell)
                     _pause_until_idle()
-                result["endpoints"][endpoint.label] = {"status": "ok", "cells": cells,
-                                                       "protocol": endpoint.protocol}
+            if live and plan.after_burst:
+                # The same c=1 cell right after the heaviest one: the latency a lone client
+                # sees just after a burst.
+                cell = _measured_cell(system, live[0], 1, plan)
+                cell["after"] = f"{live[-1].label} at c={max(plan.concurrency)}"
+                result["after_burst"] = {"endpoint": live[0].label, **cell}
             memory.sample()
             if system.profile and plan.profile_s > 0:
                 memory.phase = "profile"
@@ -152,6 +158,18 @@ def measure(system: System, plan: Plan, work_dir: Path) -> dict[str, Any]:
     finally:
         system.server.stop()
     return result
+
+
+def _measured_cell(system: System, endpoint: Endpoint, concurrency: int, plan: Plan
+                   ) -> dict[str, Any]:
+    """One cell plus the batch sizes the server formed during it (where it reports them)."""
+    before = (scrape_histogram(system.url, system.batch_metric)
+              if system.batch_metric else None)
+    cell = _drive(system, endpoint, concurrency, plan, plan.duration_s, plan.warmup_s)
+    if before is not None and system.batch_metric:
+        after = scrape_histogram(system.url, system.batch_metric)
+        cell.extra.update(batch_summary(after.minus(before)))
+    return cell.as_dict()
 
 
 def _drive(system: System, endpoint: Endpoint, concurrency: int, plan: Plan,
