@@ -58,6 +58,10 @@ class TrainConfig(BaseModel):
         early_stopping_min_delta: smallest change that counts as an improvement.
         augment: train-time augmentation preset (see :func:`training.data.train_transform`).
         input_size: model input side in pixels; None = the weights' preset crop size.
+        precise_bn_batches: after each epoch's training, BatchNorm running statistics are
+            recomputed as the plain average over this many training batches with the final
+            weights (0 = off); see :mod:`training.precise_bn`. Without it a network trained
+            from scratch for one epoch gave the same embedding (cosine 1.0) for every image.
         bn_momentum: BatchNorm running-statistics momentum. None keeps the backbone's own
             when starting from pretrained weights and uses PyTorch's 0.1 from random
             initialisation: torchvision's MobileNetV3 uses 0.01, whose running statistics are
@@ -98,6 +102,7 @@ class TrainConfig(BaseModel):
     augment: Literal["none", "light", "standard", "heavy"] = "standard"
     input_size: int | None = Field(default=None, ge=32)
     bn_momentum: float | None = Field(default=None, gt=0, le=1)
+    precise_bn_batches: int = Field(default=32, ge=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from diagnostics.dead_units import DeadUnitTracker
+from training.precise_bn import recompute_bn_stats
 from models.registry import CNNCodeModel, build_backbone, get_backbone_info
 from training.config import CONFIG_FILENAME, CONFIG_YAML_FILENAME, TrainConfig
 from training.data import image_folders
@@ -465,6 +466,9 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> list[d
                            config.schedule)
         train_metrics = _train_epoch(model, train_loader, criterion, optimizer, plan, device,
                                      f"epoch {epoch}/{config.epochs} train")
+        if config.precise_bn_batches:
+            recompute_bn_stats(model, (images for images, _ in train_loader),
+                               max_batches=config.precise_bn_batches, device=device)
         val_metrics = evaluate(model, val_loader, device=device, amp=use_amp)
         row = {"epoch": epoch, **train_metrics, **val_metrics,
                "seconds": round(time.perf_counter() - started, 3),
