@@ -57,14 +57,12 @@ def onnx_throughput(onnx_path: Path, repository: Path, name: str, version: int,
     """
     from cnn_codes.settings import Settings
     from models.repository import resolve
-    from service.runtime import OnnxEncoder
+    from service.runtime import OnnxEncoder, SessionConfig
 
     settings = Settings()
     published = resolve(repository, name, version)
     encoder = OnnxEncoder.create(str(published.onnx_path), published.card,
-                                 providers=settings.providers,
-                                 allow_cpu_fallback=settings.allow_cpu_fallback,
-                                 intra_op_threads=settings.intra_op_threads)
+                                 SessionConfig.from_settings(settings))
     if not allow_spinning:
         import onnxruntime as ort
 

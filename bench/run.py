@@ -31,7 +31,8 @@ logger = logging.getLogger("bench")
 
 BENCH_DIR = REPO_ROOT / "bench"
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "hymenoptera"
-SYSTEMS = ("cnn_codes", "fastapi_torch", "torchserve")
+SYSTEMS = ("cnn_codes", "fastapi_torch", "torchserve", "torchserve_tuned")
+DEFAULT_SYSTEMS = SYSTEMS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path,
                    default=Path(os.environ.get("CNN_CODES_SAMPLE_DATA", DEFAULT_DATA)))
     p.add_argument("--backbone", default="mobilenet_v3_large")
-    p.add_argument("--systems", default=",".join(SYSTEMS),
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                    help=f"comma-separated subset of {','.join(SYSTEMS)}")
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--duration", type=float, help="measuring window per cell, s")
@@ -49,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy cells")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     p.add_argument("--cache", type=Path, default=BENCH_DIR / ".cache")
+    p.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for our service, e.g. CNN_CODES_INTRA_OP_THREADS=1 "
+                        "(repeatable)")
+    p.add_argument("--render-only", action="store_true",
+                   help="re-render latest.md and throughput.png from OUT/latest.json")
     return p
 
 
@@ -96,8 +102,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     plan = systems.Plan(
         concurrency=tuple(int(c) for c in args.concurrency.split(",")),
-        warmup_s=args.warmup if args.warmup is not None else (1.0 if quick else 3.0),
-        duration_s=args.duration if args.duration is not None else (3.0 if quick else 10.0),
+        warmup_s=args.warmup if args.warmup is not None else (1.0 if quick else 2.0),
+        duration_s=args.duration if args.duration is not None else (3.0 if quick else 8.0),
         idle_s=2.0 if quick else 5.0,
         profile_s=0 if args.no_profile else (4 if quick else 10),
         drain_s=5.0 if quick else 10.0,
@@ -137,17 +143,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                        seconds=0.5 if quick else 2.0)
 
     builders = {"cnn_codes": systems.cnn_codes_system, "fastapi_torch": systems.fastapi_system,
-                "torchserve": systems.torchserve_system}
-    shared: dict[str, Any] = {}
+                "torchserve": systems.torchserve_system,
+                "torchserve_tuned": systems.torchserve_tuned_system}
+    shared: dict[str, Any] = {"service_env": dict(kv.split("=", 1) for kv in args.service_env)}
+    result["service_env"] = shared["service_env"]
     result["systems"] = {}
     for key in SYSTEMS:
         if key not in wanted:
+            if key not in DEFAULT_SYSTEMS:
+                continue
             result["systems"][key] = {"key": key, "title": key, "status": "skipped",
                                       "reason": "not selected with --systems"}
             continue
         try:
             system = builders[key](model, photos, work_dir, shared,
-                                   profile=not args.no_profile)
+                                   profile=not args.no_profile and key != "torchserve_tuned")
         except Exception as exc:  # e.g. TorchServe not installable: say exactly why
             logger.exception("cannot set up %s", key)
             result["systems"][key] = {"key": key, "title": key, "status": "failed",
@@ -186,7 +196,13 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    result = run(args)
+    if args.render_only:
+        result = json.loads((args.out / "latest.json").read_text())
+        result["ratios"], result["ratios_at_concurrency"], result["targets"] = \
+            report.compute_ratios(result)
+        _write(result, args.out)
+    else:
+        result = run(args)
     print(report.markdown(result))
     return 0
 

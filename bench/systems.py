@@ -254,7 +254,7 @@ def cnn_codes_system(model: BenchModel, photos: Sequence[Photo], work_dir: Path,
     port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     env = offline_env(BENTOML_HOME=str(work_dir / f"bentoml-{port}"),
-                      CNN_CODES_GRPC_PORT=str(grpc_port))
+                      CNN_CODES_GRPC_PORT=str(grpc_port), **shared.get("service_env", {}))
     argv = [sys.executable, "-m", "cnn_codes.cli", "serve", "--host", "127.0.0.1", "--port",
             str(port), "--repository", str(model.repository), "--model", model.ref]
     server = ManagedServer("cnn-codes", argv, env, REPO_ROOT, work_dir / "logs" / "cnn-codes.log")
@@ -325,9 +325,25 @@ def fastapi_system(model: BenchModel, photos: Sequence[Photo], work_dir: Path,
                          "torch forward per request (no batching); torch default threads"])
 
 
+def torchserve_tuned_system(model: BenchModel, photos: Sequence[Photo], work_dir: Path,
+                            shared: dict[str, Any], profile: bool) -> System:
+    """TorchServe as above with one thread per worker (``OMP_NUM_THREADS=1``), the setting
+    TorchServe's CPU performance guide recommends; not in the default run."""
+    system = torchserve_system(model, photos, work_dir, shared, profile,
+                               threads_per_worker=1)
+    system.key, system.title = "torchserve_tuned", "TorchServe (1 thread per worker)"
+    system.notes.append("OMP_NUM_THREADS=1 in every worker (TorchServe CPU tuning advice)")
+    return system
+
+
 def torchserve_system(model: BenchModel, photos: Sequence[Photo], work_dir: Path,
-                      shared: dict[str, Any], profile: bool) -> System:
+                      shared: dict[str, Any], profile: bool,
+                      threads_per_worker: int | None = None) -> System:
     """TorchServe, stock image classifier handler (see :mod:`bench.baselines.torchserve`).
+
+    Args:
+        threads_per_worker: ``OMP_NUM_THREADS`` for the workers; None = stock (torch's
+            default, one per core in every worker).
 
     Raises:
         TorchServeUnavailable: it cannot be installed or archived here (the reason says why).
@@ -338,7 +354,8 @@ def torchserve_system(model: BenchModel, photos: Sequence[Photo], work_dir: Path
     if reason is not None:
         raise ts.TorchServeUnavailable(reason)
     store = ts.build_archive(model.run_dir, work_dir)
-    instance = ts.make_server(store, work_dir, offline_env())
+    extra = {} if threads_per_worker is None else {"OMP_NUM_THREADS": str(threads_per_worker)}
+    instance = ts.make_server(store, work_dir, offline_env(**extra))
     path = f"/predictions/{ts.MODEL_NAME}"
     probe_photo = _reference_photo(photos)
 
