@@ -117,21 +117,43 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    from models.repository import list_models, resolve
+    """``models list|show|verify|promote|remove`` over the model repository.
+
+    Errors (unknown model/version, corrupt files, alias conflicts) exit 1 with a message.
+    """
+    from models.repository import (ModelIntegrityError, ModelNotFoundError, list_models,
+                                   read_aliases, remove_version, resolve, set_alias)
 
     repository = args.repository or settings.repository
     if args.action == "list":
         for name, versions in list_models(repository).items():
-            print(f"{name}\t{','.join(map(str, versions))}")
+            aliases = ",".join(f"{a}={v}" for a, v in sorted(read_aliases(repository,
+                                                                           name).items()))
+            print(f"{name}\t{','.join(map(str, versions))}" + (f"\t{aliases}" if aliases else ""))
         return 0
     if not args.name:
         raise SystemExit(f"models {args.action}: a model name is required")
     name, _, version = args.name.partition(":")
-    published = resolve(repository, name, version or "latest")  # verifies the sha256
-    if args.action == "show":
-        print(published.card.model_dump_json(indent=2))
-    else:
-        print(f"OK {name}:{published.card.version} sha256 {published.card.onnx_sha256}")
+    try:
+        if args.action == "promote":
+            if not version:
+                raise SystemExit("models promote: give NAME:VERSION")
+            published = set_alias(repository, name, args.alias, int(version))
+            print(f"{name}:{args.alias} -> {published.card.version}")
+        elif args.action == "remove":
+            if not version.isdigit():
+                raise SystemExit("models remove: give NAME:VERSION (a number)")
+            remove_version(repository, name, int(version), force=args.force)
+            print(f"removed {name}:{version}")
+        else:
+            published = resolve(repository, name, version or "latest")  # verifies sha256
+            if args.action == "show":
+                print(published.card.model_dump_json(indent=2))
+            else:
+                print(f"OK {name}:{published.card.version} sha256 {published.card.onnx_sha256}")
+    except (ModelNotFoundError, ModelIntegrityError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -292,10 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-limit", type=int, default=64, help="0 = all images")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("models", help="inspect the model repository")
-    p.add_argument("action", choices=["list", "show", "verify"])
-    p.add_argument("name", nargs="?", help="NAME[:VERSION]")
+    p = sub.add_parser("models", help="inspect and manage the model repository")
+    p.add_argument("action", choices=["list", "show", "verify", "promote", "remove"])
+    p.add_argument("name", nargs="?", help="NAME[:VERSION|ALIAS]")
     p.add_argument("--repository", type=Path)
+    p.add_argument("--alias", default="production", help="alias that promote moves")
+    p.add_argument("--force", action="store_true", help="remove even if an alias points at it")
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("bootstrap", help="build the default model if the repository lacks it")

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
         providers: onnxruntime execution providers in order of preference.
         allow_cpu_fallback: a missing GPU provider is a warning instead of a start-up error.
         intra_op_threads: onnxruntime intra-op threads; 0 = onnxruntime's default (all cores).
+        inter_op_threads: onnxruntime inter-op threads; 0 = default.
+        graph_optimization: onnxruntime graph optimisation level.
+        optimized_model_dir: cache of optimised graphs (faster restarts); None = off.
         max_batch_size: adaptive batching: largest batch, images.
         max_latency_ms: adaptive batching deadline, ms (generous: overload is bounded by
             ``max_concurrency`` answering 429, not by 503s).
@@ -57,6 +60,9 @@ class Settings(BaseSettings):
             ``CNN_CODES_API_KEYS='["key1","key2"]'``.
         open_paths: paths that need no API key (health and metrics by default).
         retry_after_s: ``Retry-After`` of a 429 answer, seconds.
+        admin_keys: keys for ``/admin/*`` (``Authorization: Bearer``); empty = admin API off.
+        reload_poll_s: how often, seconds, the service re-resolves an alias or ``latest``
+            ``model_version`` and hot-reloads when it moved (0 = only ``POST /admin/reload``).
         grpc_enabled: serve the KServe v2 / Open Inference Protocol over gRPC from every API
             worker (``service/kserve``), beside HTTP.
         grpc_port: gRPC port on ``host`` (all API workers bind it with SO_REUSEPORT).
@@ -81,6 +87,9 @@ class Settings(BaseSettings):
     providers: list[Provider] = ["cpu"]
     allow_cpu_fallback: bool = False
     intra_op_threads: int = Field(default=0, ge=0)
+    inter_op_threads: int = Field(default=0, ge=0)
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    optimized_model_dir: Path | None = None
     max_batch_size: int = Field(default=32, ge=1)
     max_latency_ms: int = Field(default=30_000, ge=1)
     max_concurrency: int = Field(default=64, ge=1)
@@ -94,6 +103,8 @@ class Settings(BaseSettings):
     open_paths: list[str] = ["/livez", "/readyz", "/healthz", "/metrics",
                              "/v2/health/live", "/v2/health/ready"]
     retry_after_s: int = Field(default=1, ge=1)
+    admin_keys: list[SecretStr] = []
+    reload_poll_s: float = Field(default=5.0, ge=0)
     grpc_enabled: bool = True
     grpc_port: int = Field(default=50051, ge=1, le=65535)
     grpc_max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)

@@ -100,6 +100,20 @@ class ModelCard(BaseModel):
         return self.model_dump(mode="json")
 
 
+def compatibility_problems(current: ModelCard, candidate: ModelCard) -> list[str]:
+    """Why ``candidate`` cannot replace ``current`` without clients noticing (empty = it can).
+
+    A hot swap keeps requests in flight valid only if the name, preprocessing (input size),
+    input/output shapes and class names are the same; a different version number, weights,
+    training figures or precision are what a new version is for.
+    """
+    problems = []
+    for field in ("name", "preprocessing", "inputs", "outputs", "class_names"):
+        if getattr(current, field) != getattr(candidate, field):
+            problems.append(f"{field} differs")
+    return problems
+
+
 def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in ``chunk_bytes`` pieces."""
     digest = hashlib.sha256()

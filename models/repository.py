@@ -8,8 +8,10 @@ never visible to a reader.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -58,13 +60,65 @@ def list_models(repository: str | Path) -> dict[str, list[int]]:
     return {name: versions for name, versions in found.items() if versions}
 
 
+ALIASES_FILENAME = "aliases.json"
+ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
+
+
+def read_aliases(repository: str | Path, name: str) -> dict[str, int]:
+    """Aliases of ``name`` (e.g. ``{"production": 3}``) from ``<name>/aliases.json``."""
+    path = Path(repository) / name / ALIASES_FILENAME
+    if not path.is_file():
+        return {}
+    return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+
+
+def set_alias(repository: str | Path, name: str, alias: str, version: int) -> PublishedModel:
+    """Point ``alias`` at ``version`` after verifying that version (atomic file replace).
+
+    Raises:
+        ValueError: the alias is not a lowercase name, or is ``latest`` / a number.
+        ModelNotFoundError, ModelIntegrityError: the version is missing or corrupt.
+    """
+    if not re.match(ALIAS_PATTERN, alias) or alias == "latest":
+        raise ValueError(f"invalid alias {alias!r}: lowercase letters, digits, '-', '_'")
+    published = resolve(repository, name, version)
+    aliases = read_aliases(repository, name) | {alias: published.card.version}
+    path = Path(repository) / name / ALIASES_FILENAME
+    tmp = path.with_name(f".{ALIASES_FILENAME}.{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(aliases, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    logger.info("alias %s:%s -> version %d", name, alias, published.card.version)
+    return published
+
+
+def remove_version(repository: str | Path, name: str, version: int, *,
+                   force: bool = False) -> None:
+    """Delete a published version (renamed out of view first, so readers never see half).
+
+    Raises:
+        ModelNotFoundError: no such version.
+        ValueError: an alias points at it and ``force`` is False.
+    """
+    if version not in list_versions(repository, name):
+        raise ModelNotFoundError(f"model {name!r} has no version {version}")
+    pointing = [a for a, v in read_aliases(repository, name).items() if v == version]
+    if pointing and not force:
+        raise ValueError(f"aliases {pointing} point at {name}:{version}; promote another "
+                         "version first or pass --force")
+    root = Path(repository) / name
+    trash = root / f".removed-{version}-{uuid.uuid4().hex}"
+    os.rename(root / str(version), trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def resolve(repository: str | Path, name: str, version: int | str = "latest") -> PublishedModel:
     """Find, load and verify one model version.
 
     Args:
         repository: model repository root.
         name: model name.
-        version: an integer version or ``"latest"`` (highest published).
+        version: an integer version, ``"latest"`` (highest published) or an alias
+            (e.g. ``"production"``, see :func:`set_alias`).
 
     Returns:
         The verified model.
@@ -76,7 +130,16 @@ def resolve(repository: str | Path, name: str, version: int | str = "latest") ->
     versions = list_versions(repository, name)
     if not versions:
         raise ModelNotFoundError(f"no published versions of model {name!r} in {repository}")
-    chosen = versions[-1] if str(version) == "latest" else int(version)
+    if str(version) == "latest":
+        chosen = versions[-1]
+    elif str(version).isdigit():
+        chosen = int(version)
+    else:
+        aliases = read_aliases(repository, name)
+        if str(version) not in aliases:
+            raise ModelNotFoundError(f"model {name!r} has no alias {version!r}; aliases: "
+                                     f"{sorted(aliases)}")
+        chosen = aliases[str(version)]
     if chosen not in versions:
         raise ModelNotFoundError(f"model {name!r} has no version {chosen}; versions: {versions}")
     path = Path(repository) / name / str(chosen)

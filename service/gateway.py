@@ -3,7 +3,8 @@
 In order, for every HTTP request:
 
 1. **Auth**: when API keys are configured, paths outside ``open_paths`` need
-   ``Authorization: Bearer <key>`` (401 otherwise, RFC 6750).
+   ``Authorization: Bearer <key>`` (401 otherwise, RFC 6750); ``/admin/*`` always needs one
+   of ``admin_keys`` (403 when none are configured).
 2. **Overload**: at most ``max_concurrency`` requests in flight per worker; the next one gets
    429 with ``Retry-After`` at once instead of queueing (Infinity/Triton behaviour).
 3. **Body limit**: bodies above ``max_request_bytes`` get 413 (BentoML has no limit of its own).
@@ -32,6 +33,7 @@ from cnn_codes.settings import Settings
 from service.auth import check_api_key
 
 INFER_PATHS = frozenset({"/classify", "/embed"})
+ADMIN_PREFIX = "/admin/"
 RAW_TYPES = ("image/", "application/octet-stream")
 
 
@@ -133,7 +135,13 @@ class Gateway:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
-        if not check_api_key(headers.get("authorization"), self.settings.api_keys):
+        if path.startswith(ADMIN_PREFIX):
+            if not self.settings.admin_keys:
+                raise RequestRejected(403, "the admin API is disabled: set admin_keys")
+            if not check_api_key(headers.get("authorization"), self.settings.admin_keys):
+                raise RequestRejected(401, "missing or invalid admin key",
+                                      {"WWW-Authenticate": "Bearer"})
+        elif not check_api_key(headers.get("authorization"), self.settings.api_keys):
             raise RequestRejected(401, "missing or invalid API key: send 'Authorization: "
                                   "Bearer <key>'", {"WWW-Authenticate": "Bearer"})
         if self._in_flight >= self.settings.max_concurrency:

@@ -13,9 +13,15 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
 import numpy as np
 
 from models.card import INPUT_NAME, OUTPUT_NAMES, ModelCard
+
+if TYPE_CHECKING:
+    from cnn_codes.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +31,14 @@ PROVIDER_NAMES: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
 }
 CPU = PROVIDER_NAMES["cpu"]
+
+
+def _levels() -> dict:
+    import onnxruntime as ort
+
+    level = ort.GraphOptimizationLevel
+    return {"disable": level.ORT_DISABLE_ALL, "basic": level.ORT_ENABLE_BASIC,
+            "extended": level.ORT_ENABLE_EXTENDED, "all": level.ORT_ENABLE_ALL}
 
 
 class ProviderUnavailableError(RuntimeError):
@@ -69,6 +83,54 @@ def select_providers(requested: Sequence[str], available: Sequence[str], *,
     return [*chosen, CPU]
 
 
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """onnxruntime session settings (https://onnxruntime.ai/docs/performance/tune-performance/).
+
+    Attributes:
+        providers: short provider names in order of preference (see :func:`select_providers`).
+        allow_cpu_fallback: a missing GPU provider is a warning, not an error.
+        intra_op_threads: threads inside one operator; 0 = onnxruntime's default (one per
+            physical core).
+        inter_op_threads: threads across independent operators (only used by the parallel
+            execution mode); 0 = default.
+        graph_optimization: onnxruntime graph optimisation level.
+        optimized_model_dir: where the optimised graph is cached, keyed by the model's
+            sha256, providers, level and onnxruntime version; the next start loads it with
+            optimisation off (faster start-up); None = no cache.
+    """
+
+    providers: tuple[str, ...] = ("cpu",)
+    allow_cpu_fallback: bool = False
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    graph_optimization: GraphOptimization = "all"
+    optimized_model_dir: Path | None = None
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "SessionConfig":
+        """The session part of :class:`cnn_codes.settings.Settings`."""
+        return cls(providers=tuple(settings.providers),
+                   allow_cpu_fallback=settings.allow_cpu_fallback,
+                   intra_op_threads=settings.intra_op_threads,
+                   inter_op_threads=settings.inter_op_threads,
+                   graph_optimization=settings.graph_optimization,
+                   optimized_model_dir=settings.optimized_model_dir)
+
+
+def optimized_model_path(config: SessionConfig, card: ModelCard, providers: Sequence[str],
+                         ort_version: str) -> Path | None:
+    """Cache file of the optimised graph for this model + providers + level + onnxruntime."""
+    if config.optimized_model_dir is None or config.graph_optimization == "disable":
+        return None
+    key = "-".join([card.onnx_sha256[:16], config.graph_optimization, ort_version,
+                    *[p.removesuffix("ExecutionProvider").lower() for p in providers]])
+    return Path(config.optimized_model_dir) / f"{card.name}-{key}.onnx"
+
+
 @dataclass
 class OnnxEncoder:
     """An onnxruntime session over a published model: the inference core.
@@ -82,8 +144,8 @@ class OnnxEncoder:
     card: ModelCard
 
     @classmethod
-    def create(cls, onnx_path: str, card: ModelCard, *, providers: Sequence[str],
-               allow_cpu_fallback: bool = False, intra_op_threads: int = 0) -> "OnnxEncoder":
+    def create(cls, onnx_path: str, card: ModelCard,
+               config: SessionConfig = SessionConfig()) -> "OnnxEncoder":
         """Open a session with the selected providers and check what onnxruntime really used.
 
         Raises:
@@ -92,12 +154,23 @@ class OnnxEncoder:
         """
         import onnxruntime as ort
 
-        wanted = select_providers(providers, ort.get_available_providers(),
+        allow_cpu_fallback = config.allow_cpu_fallback
+        wanted = select_providers(config.providers, ort.get_available_providers(),
                                   allow_cpu_fallback=allow_cpu_fallback)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(onnx_path, sess_options=options, providers=wanted)
+        options.intra_op_num_threads = config.intra_op_threads
+        options.inter_op_num_threads = config.inter_op_threads
+        options.graph_optimization_level = _levels()[config.graph_optimization]
+        cached = optimized_model_path(config, card, wanted, ort.__version__)
+        source = onnx_path
+        if cached is not None and cached.is_file():
+            source = str(cached)  # already optimised for exactly this setup
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            logger.info("loading the cached optimised graph %s", cached)
+        elif cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            options.optimized_model_filepath = str(cached)
+        session = ort.InferenceSession(source, sess_options=options, providers=wanted)
         got = session.get_providers()
         dropped = [p for p in wanted if p not in got]
         if dropped:

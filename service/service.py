@@ -66,6 +66,12 @@ class NoImages(BentoMLException):
     error_code = HTTPStatus.BAD_REQUEST
 
 
+class ReloadRefused(BentoMLException):
+    """The requested model version cannot be loaded; the old one keeps serving (HTTP 409)."""
+
+    error_code = HTTPStatus.CONFLICT
+
+
 def client_filename(path: Path) -> str | None:
     """The file name the client sent, recovered from BentoML's upload temp file.
 
@@ -90,30 +96,42 @@ class Encoder:
     """The inference core: onnxruntime on uint8 batches, adaptive batching by BentoML."""
 
     def __init__(self) -> None:
-        from service.runtime import OnnxEncoder
+        self.settings = Settings()
+        self.core = self._open(_load_card(self.settings))
 
-        settings = Settings()
-        published = _load_card(settings)
-        self.card: ModelCard = published.card
-        self.core = OnnxEncoder.create(
-            str(published.onnx_path), published.card, providers=settings.providers,
-            allow_cpu_fallback=settings.allow_cpu_fallback,
-            intra_op_threads=settings.intra_op_threads)
-        size = self.card.preprocessing.crop_size
-        canary = self.core.run(np.full((1, size, size, 3), 127, dtype=np.uint8))
+    def _open(self, published) -> "OnnxEncoder":
+        """Open a session on ``published`` and run a canary batch through it.
+
+        Raises:
+            ProviderUnavailableError: see :mod:`service.runtime`.
+            RuntimeError: the canary produced non-finite outputs.
+        """
+        from service.runtime import OnnxEncoder, SessionConfig
+
+        card = published.card
+        core = OnnxEncoder.create(str(published.onnx_path), card,
+                                  SessionConfig.from_settings(self.settings))
+        size = card.preprocessing.crop_size
+        canary = core.run(np.full((1, size, size, 3), 127, dtype=np.uint8))
         if not np.isfinite(canary).all():
-            raise RuntimeError(f"canary inference of {self.card.name}:{self.card.version} "
+            raise RuntimeError(f"canary inference of {card.name}:{card.version} "
                                "produced non-finite outputs")
-        metrics.MODEL_INFO.labels(name=self.card.name, version=str(self.card.version),
-                                  backbone=self.card.backbone, precision=self.card.precision,
-                                  provider=self.core.provider).set(1)
+        metrics.MODEL_INFO.labels(name=card.name, version=str(card.version),
+                                  backbone=card.backbone, precision=card.precision,
+                                  provider=core.provider).set(1)
+        return core
+
+    @property
+    def card(self) -> ModelCard:
+        """The card of the model serving now."""
+        return self.core.card
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size,
                  max_latency_ms=SETTINGS.max_latency_ms)
     def encode(self, images: np.ndarray) -> np.ndarray:
         """``(N, S, S, 3)`` uint8 -> ``(N, K + D + C)`` float32 (logits|embedding|features)."""
         started = time.perf_counter()
-        packed = self.core.run(images)
+        packed = self.core.run(images)  # one reference read: a reload swaps self.core whole
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(images))
         return packed
@@ -122,6 +140,41 @@ class Encoder:
     def model_ref(self) -> dict:
         """Name and version of the loaded model (the API service checks it matches its own)."""
         return {"name": self.card.name, "version": self.card.version}
+
+    @bentoml.api
+    def load(self, version: int) -> dict:
+        """Hot-swap to ``version``: verify, check compatibility, open, canary, then swap.
+
+        Batches in flight finish on the old session (they hold their own reference); nothing
+        changes when any step fails.
+
+        Returns:
+            ``{"ok": True, "version": v}`` or ``{"ok": False, "error": "..."}``.
+        """
+        from models.card import compatibility_problems
+        from models.repository import resolve
+
+        current = self.core
+        if version == current.card.version:
+            return {"ok": True, "version": version}
+        try:
+            published = resolve(self.settings.repository, current.card.name, version)
+            problems = compatibility_problems(current.card, published.card)
+            if problems:
+                raise ValueError(f"version {version} is not compatible with version "
+                                 f"{current.card.version}: {', '.join(problems)}")
+            new = self._open(published)
+        except Exception as exc:  # any failure keeps the old model serving
+            logger.error("refused to load %s:%s: %s", current.card.name, version, exc)
+            return {"ok": False, "error": str(exc)}
+        self.core = new
+        metrics.MODEL_INFO.labels(name=current.card.name, version=str(current.card.version),
+                                  backbone=current.card.backbone,
+                                  precision=current.card.precision,
+                                  provider=current.provider).set(0)
+        logger.info("now serving %s:%d (was %d)", new.card.name, new.card.version,
+                    current.card.version)
+        return {"ok": True, "version": new.card.version}
 
 
 async def _metadata(request: Request) -> JSONResponse:
@@ -156,6 +209,84 @@ class CNNCodes:
         self.pipeline = InferencePipeline(
             self.card, self.settings, lambda batch: self.encoder.to_async.encode(batch))
         self._ready = False
+        self._reload_lock = asyncio.Lock()
+
+    def _use_card(self, card: ModelCard) -> None:
+        """Point every protocol of this worker at ``card`` (after the Encoder swapped)."""
+        self.card = card
+        self.model_ref = ModelRef(name=card.name, version=card.version, backbone=card.backbone)
+        self.pipeline.card = card
+        front = getattr(self, "_oip_front", None)
+        if front is not None:
+            front.card = card
+
+    async def reload(self) -> dict:
+        """Load the version ``model_version`` resolves to now (alias, latest or a number).
+
+        The new version is verified (sha256, card), must be compatible with the current one,
+        and is loaded and canary-checked by the Encoder before it replaces the old one.
+
+        Returns:
+            ``{"reloaded": bool, "previous": v, "version": v}``.
+
+        Raises:
+            ReloadRefused: corrupt, missing or incompatible version; the old one keeps serving.
+        """
+        from models.card import compatibility_problems
+        from models.repository import resolve
+
+        async with self._reload_lock:
+            previous = self.card.version
+            try:
+                target = await asyncio.to_thread(
+                    resolve, self.settings.repository, self.card.name,
+                    self.settings.model_version)
+            except (LookupError, ValueError) as exc:
+                raise ReloadRefused(f"cannot reload: {exc}") from None
+            if target.card.version == previous:
+                return {"reloaded": False, "previous": previous, "version": previous}
+            problems = compatibility_problems(self.card, target.card)
+            if problems:
+                raise ReloadRefused(f"version {target.card.version} is not compatible with "
+                                    f"version {previous}: {', '.join(problems)}")
+            result = await self.encoder.to_async.load(target.card.version)
+            if not result.get("ok"):
+                raise ReloadRefused(f"version {target.card.version} refused: "
+                                    f"{result.get('error')}")
+            self._use_card(target.card)
+            logger.info("reloaded %s: version %d -> %d", self.card.name, previous,
+                        target.card.version)
+            return {"reloaded": True, "previous": previous, "version": target.card.version}
+
+    @bentoml.on_startup
+    async def follow_alias(self) -> None:
+        """Poll the repository every ``reload_poll_s`` and reload when ``model_version`` (an
+        alias or ``latest``) points somewhere new; a refused version is logged once."""
+        if self.settings.reload_poll_s <= 0 or self.settings.model_version.isdigit():
+            return
+
+        async def poll() -> None:
+            while True:
+                await asyncio.sleep(self.settings.reload_poll_s)
+                if not self._ready:
+                    continue
+                try:
+                    await self.reload()
+                except ReloadRefused as exc:
+                    if str(exc) not in self._refused_messages:
+                        self._refused_messages.add(str(exc))
+                        logger.error("%s; still serving version %d", exc, self.card.version)
+                except Exception:  # the poller must survive anything; logged for operators
+                    logger.exception("alias poll failed")
+
+        self._refused_messages: set[str] = set()
+        self._poller = asyncio.create_task(poll())
+
+    @bentoml.api(route="/admin/reload")
+    async def admin_reload(self) -> dict:
+        """Reload now (admin key required, see ``admin_keys``): 200 with the versions, or 409
+        when the target version is refused and the old one keeps serving."""
+        return await self.reload()
 
     async def __is_ready__(self) -> bool:
         """Ready once a canary inference through the Encoder succeeded on the same model."""

@@ -10,8 +10,9 @@ import pytest
 
 from conftest import REPO_ROOT, base_env
 from models.card import ModelCard
-from service.runtime import (OnnxEncoder, ProviderUnavailableError, select_providers,
-                             split_outputs)
+from cnn_codes.settings import Settings
+from service.runtime import (OnnxEncoder, ProviderUnavailableError, SessionConfig,
+                             select_providers, split_outputs)
 
 CPU_ONLY = ["AzureExecutionProvider", "CPUExecutionProvider"]
 GPU_BOX = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -47,7 +48,8 @@ def test_unknown_provider_name():
 
 def test_session_reports_what_it_got(published):
     card = ModelCard.model_validate_json((published["path"] / "model_card.json").read_text())
-    encoder = OnnxEncoder.create(str(published["path"] / "model.onnx"), card, providers=["cpu"])
+    encoder = OnnxEncoder.create(str(published["path"] / "model.onnx"), card,
+                                 SessionConfig(providers=("cpu",)))
     assert encoder.provider == "CPUExecutionProvider"
     packed = encoder.run(np.zeros((3, 224, 224, 3), np.uint8))
     parts = split_outputs(packed, card)
@@ -59,7 +61,28 @@ def test_session_reports_what_it_got(published):
         import onnxruntime as ort
         if "CUDAExecutionProvider" in ort.get_available_providers():
             pytest.skip("this machine has CUDA: the error path cannot be shown here")
-        OnnxEncoder.create(str(published["path"] / "model.onnx"), card, providers=["cuda"])
+        OnnxEncoder.create(str(published["path"] / "model.onnx"), card,
+                           SessionConfig(providers=("cuda",)))
+
+
+def test_session_settings_and_optimized_model_cache(published, tmp_path, monkeypatch):
+    monkeypatch.setenv("CNN_CODES_PROVIDERS", '["cpu"]')
+    monkeypatch.setenv("CNN_CODES_INTRA_OP_THREADS", "1")
+    monkeypatch.setenv("CNN_CODES_GRAPH_OPTIMIZATION", "extended")
+    monkeypatch.setenv("CNN_CODES_OPTIMIZED_MODEL_DIR", str(tmp_path / "cache"))
+    config = SessionConfig.from_settings(Settings())
+    assert (config.intra_op_threads, config.graph_optimization) == (1, "extended")
+    card = ModelCard.model_validate_json((published["path"] / "model_card.json").read_text())
+    onnx_path = str(published["path"] / "model.onnx")
+    first = OnnxEncoder.create(onnx_path, card, config)
+    cached = list((tmp_path / "cache").glob("*.onnx"))
+    assert len(cached) == 1 and card.onnx_sha256[:16] in cached[0].name
+    assert "extended" in cached[0].name and "cpu" in cached[0].name
+    second = OnnxEncoder.create(onnx_path, card, config)  # loads the cached graph
+    assert second.session.get_session_options().graph_optimization_level.name == \
+        "ORT_DISABLE_ALL"
+    batch = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    np.testing.assert_allclose(first.run(batch), second.run(batch), rtol=1e-5, atol=1e-6)
 
 
 def test_serving_imports_no_torch():

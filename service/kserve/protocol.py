@@ -237,7 +237,11 @@ class InferenceFront:
         self.settings = settings
         self.pipeline = pipeline
         self._is_ready = is_ready
-        self.version = str(card.version)
+
+    @property
+    def version(self) -> str:
+        """The served version, as a string (follows hot reloads: the card is replaced)."""
+        return str(self.card.version)
 
     @classmethod
     def for_service(cls, service: ServedModel) -> "InferenceFront":
