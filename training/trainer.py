@@ -35,10 +35,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from diagnostics.dead_units import DeadUnitTracker
-from training.precise_bn import recompute_bn_stats
 from models.registry import CNNCodeModel, build_backbone, get_backbone_info
 from training.config import CONFIG_FILENAME, CONFIG_YAML_FILENAME, TrainConfig
 from training.data import image_folders
+from training.precise_bn import recompute_bn_stats
 
 logger = logging.getLogger(__name__)
 
