@@ -45,6 +45,7 @@ class Settings(BaseSettings):
         inter_op_threads: onnxruntime inter-op threads; 0 = default.
         graph_optimization: onnxruntime graph optimisation level.
         optimized_model_dir: cache of optimised graphs (faster restarts); None = off.
+        ort_allow_spinning: onnxruntime idle threads busy-wait (off: decoding shares cores).
         max_batch_size: adaptive batching: largest batch, images.
         max_latency_ms: adaptive batching deadline, ms (generous: overload is bounded by
             ``max_concurrency`` answering 429, not by 503s).
@@ -61,6 +62,8 @@ class Settings(BaseSettings):
         open_paths: paths that need no API key (health and metrics by default).
         retry_after_s: ``Retry-After`` of a 429 answer, seconds.
         admin_keys: keys for ``/admin/*`` (``Authorization: Bearer``); empty = admin API off.
+        shutdown_grace_s: after SIGTERM the Encoder serves this long, seconds, so requests
+            in flight in the API workers can finish (below circus' 30 s SIGKILL deadline).
         reload_poll_s: how often, seconds, the service re-resolves an alias or ``latest``
             ``model_version`` and hot-reloads when it moved (0 = only ``POST /admin/reload``).
         grpc_enabled: serve the KServe v2 / Open Inference Protocol over gRPC from every API
@@ -71,6 +74,11 @@ class Settings(BaseSettings):
         grpc_max_concurrency: ``ModelInfer`` calls in progress per API worker before
             RESOURCE_EXHAUSTED.
         grpc_grace_s: on shutdown, seconds in-flight gRPC calls get to finish.
+        variant_min_cosine: ``cnn-codes export --precision int8|fp16``: smallest mean embedding
+            cosine of the variant vs its fp32 reference for it to be published.
+        variant_min_cosine_floor: smallest per-image (worst) embedding cosine vs fp32.
+        variant_min_top1_agreement: smallest fraction of images whose top-1 class agrees.
+        variant_max_prob_diff: largest absolute difference of any class probability.
     """
 
     model_config = SettingsConfigDict(env_prefix="CNN_CODES_", extra="ignore")
@@ -90,6 +98,7 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(default=0, ge=0)
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     optimized_model_dir: Path | None = None
+    ort_allow_spinning: bool = False
     max_batch_size: int = Field(default=32, ge=1)
     max_latency_ms: int = Field(default=30_000, ge=1)
     max_concurrency: int = Field(default=64, ge=1)
@@ -105,8 +114,13 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=1, ge=1)
     admin_keys: list[SecretStr] = []
     reload_poll_s: float = Field(default=5.0, ge=0)
+    shutdown_grace_s: float = Field(default=10.0, ge=0, lt=30)
     grpc_enabled: bool = True
     grpc_port: int = Field(default=50051, ge=1, le=65535)
     grpc_max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
     grpc_max_concurrency: int = Field(default=64, ge=1)
     grpc_grace_s: float = Field(default=5.0, ge=0)
+    variant_min_cosine: float = Field(default=0.99, ge=-1, le=1)
+    variant_min_cosine_floor: float = Field(default=0.90, ge=-1, le=1)
+    variant_min_top1_agreement: float = Field(default=0.98, ge=0, le=1)
+    variant_max_prob_diff: float = Field(default=0.05, ge=0, le=1)

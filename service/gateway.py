@@ -149,12 +149,27 @@ class Gateway:
                 429, f"overloaded: {self._in_flight} requests in flight; retry later",
                 {"Retry-After": str(self.settings.retry_after_s)})
         self._in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._in_flight -= 1
+
+        async def send_then_release(message: Message) -> None:
+            # the slot is free once the last body chunk is out: a client that sends its next
+            # request on receiving the answer must not find its own old request counted
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                release()
+            await send(message)
+
         try:
             if scope["method"] == "POST" and path in INFER_PATHS:
                 scope, receive = await self._normalise_body(scope, receive, headers)
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_then_release)
         finally:
-            self._in_flight -= 1
+            release()
 
     async def _read_body(self, receive: Receive, declared: str | None) -> bytes:
         limit = self.settings.max_request_bytes

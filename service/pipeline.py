@@ -7,6 +7,7 @@ one decode path, one Encoder and therefore one adaptive batcher.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -19,6 +20,15 @@ from service.decode import DecodedBatch, decode_images
 from service.runtime import split_outputs
 
 EncodeFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
+logger = logging.getLogger(__name__)
+
+try:  # BentoML's inter-service client is aiohttp; a broken connection surfaces as these
+    from aiohttp import ClientConnectionError as _AiohttpConnectionError
+
+    ConnectionError_: tuple[type[BaseException], ...] = (_AiohttpConnectionError,
+                                                         ConnectionError)
+except ImportError:  # pragma: no cover - aiohttp comes with BentoML
+    ConnectionError_ = (ConnectionError,)
 
 
 class RequestTooLarge(ValueError):
@@ -71,8 +81,17 @@ class InferencePipeline:
         fit one batch; the chunks go to the Encoder concurrently."""
         step = self.settings.max_batch_size
         chunks = [arrays[i:i + step] for i in range(0, len(arrays), step)]
-        packed = await asyncio.gather(*(self._encode(chunk) for chunk in chunks))
+        packed = await asyncio.gather(*(self._encode_once_more(chunk) for chunk in chunks))
         return split_outputs(np.concatenate([np.asarray(p) for p in packed]), self.card)
+
+    async def _encode_once_more(self, chunk: np.ndarray) -> np.ndarray:
+        """Call the Encoder; retry once when the connection to it broke (encoding has no side
+        effects, so a repeat is safe). See the Encoder's ``runner_connection`` note."""
+        try:
+            return await self._encode(chunk)
+        except ConnectionError_ as exc:
+            logger.warning("Encoder connection failed (%s); retrying once", exc)
+            return await self._encode(chunk)
 
     async def run(self, payloads: list[bytes], *, endpoint: str,
                   protocol: str = "http") -> PipelineResult:

@@ -90,8 +90,14 @@ def _load_card(settings: Settings):
     return resolve(settings.repository, settings.model_name, settings.model_version)
 
 
-@bentoml.service(name="cnn_codes_encoder", workers=1,
-                 traffic={"timeout": SETTINGS.request_timeout_s})
+@bentoml.service(
+    name="cnn_codes_encoder", workers=1, traffic={"timeout": SETTINGS.request_timeout_s},
+    # BentoML 1.4.39's client to this service closes its connection pool every 100 calls or
+    # 300 s while calls are still in flight on it (bentoml/BentoML#5540), failing them with
+    # ServerDisconnectedError: under load 16-46 % of responses (bench/, c=32..64). Keep one
+    # pool for the worker's lifetime; InferencePipeline also retries such a failure once.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e12},
+)
 class Encoder:
     """The inference core: onnxruntime on uint8 batches, adaptive batching by BentoML."""
 
@@ -125,6 +131,14 @@ class Encoder:
     def card(self) -> ModelCard:
         """The card of the model serving now."""
         return self.core.card
+
+    @bentoml.on_startup
+    def keep_serving_after_sigterm(self) -> None:
+        """Outlive the API workers' drain at shutdown (see :mod:`service.lifecycle`)."""
+        from service.lifecycle import delay_sigterm
+
+        if not delay_sigterm(self.settings.shutdown_grace_s):
+            logger.warning("could not defer SIGTERM; requests in flight at shutdown may fail")
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size,
                  max_latency_ms=SETTINGS.max_latency_ms)

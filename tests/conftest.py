@@ -94,8 +94,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"serve-{self.port}.log"
         # every server gets its own gRPC port too (SO_REUSEPORT would share a fixed one)
+        # no shutdown grace unless a test asks for it (test_shutdown does): stops stay quick
         env = base_env(**{"BENTOML_HOME": str(tmp / f"bentoml-{self.port}"),
-                          "CNN_CODES_GRPC_PORT": str(free_port()), **settings})
+                          "CNN_CODES_GRPC_PORT": str(free_port()),
+                          "CNN_CODES_SHUTDOWN_GRACE_S": "0", **settings})
         self.grpc_port = int(env["CNN_CODES_GRPC_PORT"])
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self._log = open(self.log_path, "w")
