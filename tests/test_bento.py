@@ -1,0 +1,58 @@
+"""`bentoml build` packages the serving side (no torch) and the built Bento serves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from conftest import REPO_ROOT, base_env, free_port
+
+
+def test_bento_builds_and_serves(published, data_dir, tmp_path):
+    env = base_env(BENTOML_HOME=str(tmp_path / "home"),
+                   CNN_CODES_REPOSITORY=str(published["repository"]),
+                   CNN_CODES_MODEL_NAME=published["name"],
+                   CNN_CODES_GRPC_PORT=str(free_port()), CNN_CODES_SHUTDOWN_GRACE_S="0")
+    env.pop("PYTHONPATH")  # the Bento must carry its own code
+    bentoml = [sys.executable, "-m", "bentoml"]
+    build = subprocess.run([*bentoml, "build", "."], env=env, cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    src = next((tmp_path / "home" / "bentos" / "cnn-codes").glob("*/src"))
+    packaged = {p.relative_to(src).as_posix() for p in src.rglob("*.py")}
+    assert "service/service.py" in packaged and "models/preprocessing.py" in packaged
+    assert not any(p.startswith(("training/", "export/", "tests/")) for p in packaged)
+    assert "models/registry.py" not in packaged  # the torch side stays out
+    requirements = next(src.parent.glob("env/python/requirements.txt")).read_text()
+    assert "onnxruntime" in requirements and "torch" not in requirements
+
+    port = free_port()
+    log = open(tmp_path / "bento.log", "w")
+    proc = subprocess.Popen([*bentoml, "serve", "cnn-codes:latest", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, cwd=tmp_path, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "bento.log").read_text()[-4000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        image = sorted((data_dir / "val" / "ants").glob("*.jpg"))[0]
+        response = httpx.post(f"http://127.0.0.1:{port}/embed", timeout=60,
+                              files=[("images", (image.name, image.read_bytes()))])
+        assert response.status_code == 200, response.text
+        assert len(response.json()["results"][0]["embedding"]) == 1024
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
