@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     model_version: str = "latest"
     sample_data: Path = Path("../shared/data/hymenoptera")
     default_backbone: str = "mobilenet_v3_large"
-    default_epochs: int = Field(default=15, ge=1)
+    default_epochs: int = Field(default=8, ge=1)
     default_lr: float = Field(default=3e-3, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(default=3000, ge=0, le=65535)
