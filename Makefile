@@ -64,3 +64,11 @@ bench: $(BENCH_STAMP)
 	$(MAKE) --no-print-directory bench-torchserve > bench/.cache/torchserve-install.log 2>&1 \
 	  || echo "TorchServe did not install; see bench/.cache/torchserve-install.log"
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+## Precision benchmark (bench/precision.py, not a test): fp32 vs int8 onnxruntime CPU throughput
+## and agreement for mobilenet_v3_large and vgg16 at batch 1/8/32 (~10 min on 2 cores);
+## `make bench-precision PRECISION_ARGS=--quick` for a smoke run.
+PRECISION_ARGS ?=
+.PHONY: bench-precision
+bench-precision: venv
+	$(BIN)/python -m bench.precision $(PRECISION_ARGS)

@@ -103,16 +103,33 @@ def _cmd_viz(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    """Exit 0 published; 3 a precision variant missed a threshold (nothing published)."""
     from export.onnx_export import export_run
+    from export.quantize import Int8Options, VariantRejectedError, VariantThresholds
 
-    published = export_run(
-        args.run_dir, repository=args.repository or settings.repository,
-        name=args.name or settings.model_name, checkpoint=args.checkpoint,
-        parity_data=args.parity_data, parity_limit=args.parity_limit or None,
-    )
+    try:
+        published = export_run(
+            args.run_dir, repository=args.repository or settings.repository,
+            name=args.name or settings.model_name, checkpoint=args.checkpoint,
+            parity_data=args.parity_data, parity_limit=args.parity_limit or None,
+            precision=args.precision, calibration_data=args.calibration_data,
+            calibration_limit=args.calibration_limit or None,
+            variant_thresholds=VariantThresholds.from_settings(settings),
+            int8_options=Int8Options(calibrate_method=args.calibrate_method,
+                                     exclude_logits=args.int8_float_logits),
+        )
+    except VariantRejectedError as exc:
+        print(f"cnn-codes export: {exc}", file=sys.stderr)
+        print(json.dumps({"published": False, "precision": args.precision,
+                          "failures": exc.failures,
+                          "variant_check": exc.check.model_dump(exclude={"conversion"})}))
+        return 3
     card = published.card
     print(json.dumps({"path": str(published.path), "name": card.name, "version": card.version,
-                      "parity": card.parity.model_dump() if card.parity else None}))
+                      "precision": card.precision,
+                      "parity": card.parity.model_dump() if card.parity else None,
+                      "variant_check": card.variant_check.model_dump(exclude={"conversion"})
+                      if card.variant_check else None}))
     return 0
 
 
@@ -312,6 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint file")
     p.add_argument("--parity-data", type=Path, help="images for the parity check (default <data>/val)")
     p.add_argument("--parity-limit", type=int, default=64, help="0 = all images")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="int8: static quantisation for the CPU; fp16: for CUDA/TensorRT. The "
+                        "variant is checked against fp32 on the parity images and published "
+                        "only if it meets the CNN_CODES_VARIANT_* thresholds (else exit 3)")
+    p.add_argument("--calibration-data", type=Path,
+                   help="int8 calibration images (default <data>/train)")
+    p.add_argument("--calibration-limit", type=int, default=64,
+                   help="int8: at most this many calibration images, 0 = all")
+    p.add_argument("--calibrate-method", choices=["MinMax", "Percentile", "Entropy"],
+                   default="MinMax", help="int8 activation range calibration")
+    p.add_argument("--int8-float-logits", action="store_true",
+                   help="int8: keep the final classifier layer (logits) in float")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("models", help="inspect and manage the model repository")

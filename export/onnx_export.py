@@ -18,8 +18,11 @@ import onnx
 import torch
 from torch import nn
 
+from export.quantize import (PRECISIONS, Int8Options, VariantRejectedError, VariantThresholds,
+                             compare_variant, load_images, make_variant, sample_paths,
+                             thresholds_dict)
 from models.card import (INPUT_NAME, OUTPUT_NAMES, ModelCard, ParityReport, TensorSpec,
-                         sha256_file)
+                         VariantCheck, sha256_file)
 from models.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_file
 from models.registry import CNNCodeModel, build_backbone, get_backbone_info
 from models.repository import PublishedModel, publish
@@ -169,34 +172,59 @@ def check_parity(model: CNNCodeModel, spec: PreprocessSpec, onnx_path: Path,
 def export_run(run_dir: Path, *, repository: Path, name: str, checkpoint: str = "best",
                parity_data: Path | None = None, parity_limit: int | None = 64,
                opset: int = DEFAULT_OPSET,
-               thresholds: ParityThresholds = ParityThresholds()) -> PublishedModel:
+               thresholds: ParityThresholds = ParityThresholds(),
+               precision: str = "fp32", calibration_data: Path | None = None,
+               calibration_limit: int | None = 64,
+               variant_thresholds: VariantThresholds = VariantThresholds(),
+               int8_options: Int8Options = Int8Options()) -> PublishedModel:
     """Export a training run, check it, and publish it as the next version of ``name``.
+
+    With ``precision`` ``int8`` or ``fp16`` the fp32 export (checked against torch as always)
+    is the reference the variant is derived from and compared with, on the same parity
+    images; the variant is published only if it meets ``variant_thresholds``, with the
+    figures in the card's ``variant_check``.
 
     Args:
         run_dir: a training run directory.
         repository: model repository root.
         name: model name in the repository.
         checkpoint: ``best``, ``last`` or a checkpoint file path.
-        parity_data: images for the torch-vs-onnxruntime check; default: the run's
-            ``<data>/val``.
+        parity_data: images for the torch-vs-onnxruntime check (and the variant-vs-fp32
+            check); default: the run's ``<data>/val``.
         parity_limit: at most this many images are compared (None = all).
+        precision: ``fp32`` (default), ``int8`` (static quantisation, CPU) or ``fp16`` (GPU).
+        calibration_data: int8 calibration images; default: the run's ``<data>/train``.
+        calibration_limit: at most this many calibration images (a seeded random sample).
+        variant_thresholds: what the variant must meet against fp32.
+        int8_options: how int8 quantises.
 
     Returns:
         The published model (path + card).
 
     Raises:
         ExportError: checker or parity failure; nothing is published.
-        FileNotFoundError: missing checkpoint or parity data.
+        VariantRejectedError: the variant missed a threshold; nothing is published.
+        FileNotFoundError: missing checkpoint, parity or calibration data.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
     state = load_run_checkpoint(run_dir, checkpoint)
     model, spec = model_from_checkpoint(state)
     info = get_backbone_info(state["backbone"])
-    if parity_data is None:
+    config = None
+    if parity_data is None or (precision == "int8" and calibration_data is None):
         config = TrainConfig.model_validate_json((run_dir / CONFIG_FILENAME).read_text())
+    if parity_data is None:
         parity_data = config.data / "val"
     images = collect_images(parity_data, parity_limit)
     if not images:
         raise FileNotFoundError(f"no images under {parity_data} for the parity check")
+    calibration_files: list[Path] = []
+    if precision == "int8":
+        calibration_data = calibration_data or config.data / "train"
+        calibration_files = sample_paths(collect_images(calibration_data), calibration_limit)
+        if not calibration_files:
+            raise FileNotFoundError(f"no images under {calibration_data} for int8 calibration")
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         export_onnx(model, spec, onnx_path, opset=opset)
@@ -206,6 +234,12 @@ def export_run(run_dir: Path, *, repository: Path, name: str, checkpoint: str = 
                 or parity.top1_agreement < thresholds.min_top1_agreement
                 or parity.max_abs_diff["logits"] > thresholds.max_abs_diff_logits):
             raise ExportError(f"onnxruntime disagrees with torch beyond {thresholds}: {parity}")
+        variant_check = None
+        if precision != "fp32":
+            variant_check = _derive_variant(
+                precision, onnx_path, Path(tmp) / f"model.{precision}.onnx", spec, images,
+                calibration_files, variant_thresholds, int8_options)
+            onnx_path = Path(tmp) / f"model.{precision}.onnx"
         k, s = len(state["class_names"]), spec.crop_size
         history = state.get("history") or []
         best = max(history, key=lambda r: r["val_acc"]) if history else {}
@@ -228,6 +262,36 @@ def export_run(run_dir: Path, *, repository: Path, name: str, checkpoint: str = 
             training={"epoch": state["epoch"], "best_epoch": best.get("epoch"),
                       "val_acc": best.get("val_acc"), "train_acc": best.get("train_acc"),
                       "run_dir": str(run_dir.resolve())},
-            parity=parity,
+            parity=parity, precision=precision, variant_check=variant_check,
         )
         return publish(repository, card, onnx_path)
+
+
+def _derive_variant(precision: str, fp32_path: Path, out_path: Path, spec: PreprocessSpec,
+                    check_files: list[Path], calibration_files: list[Path],
+                    thresholds: VariantThresholds, int8_options: Int8Options) -> VariantCheck:
+    """Make the variant, compare it with fp32 on ``check_files``, enforce ``thresholds``.
+
+    Raises:
+        VariantRejectedError: a threshold was missed.
+    """
+    calibration = None
+    if calibration_files:
+        calibration, used = load_images(calibration_files, spec)
+        logger.info("int8: calibrating on %d images from %s", len(used),
+                    calibration_files[0].parent.parent)
+    conversion = make_variant(precision, fp32_path, out_path, calibration=calibration,
+                              int8=int8_options)
+    if calibration_files:
+        conversion["calibration_source"] = str(calibration_files[0].parent.parent)
+    arrays, used = load_images(check_files, spec)
+    check = compare_variant(fp32_path, out_path, arrays, precision=precision,
+                            source=str(used[0].parent.parent))
+    check = check.model_copy(update={"reference_onnx_sha256": sha256_file(fp32_path),
+                                     "thresholds": thresholds_dict(thresholds),
+                                     "conversion": conversion})
+    logger.info("%s vs fp32: %s", precision, check.model_dump_json(exclude={"conversion"}))
+    failures = thresholds.failures(check)
+    if failures:
+        raise VariantRejectedError(check, failures)
+    return check

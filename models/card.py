@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,6 +55,47 @@ class ParityReport(BaseModel):
     source: str
 
 
+class VariantCheck(BaseModel):
+    """A precision variant (int8, fp16) compared with its fp32 reference on real images.
+
+    Measured by ``cnn-codes export --precision`` before publishing; a variant that misses the
+    thresholds (settings ``CNN_CODES_VARIANT_*``, recorded in ``thresholds``) is not published.
+
+    Attributes:
+        precision: the variant's precision.
+        reference: what it was compared with (the fp32 export of the same checkpoint, itself
+            checked against torch: the card's ``parity``).
+        reference_onnx_sha256: sha256 of that fp32 ONNX file.
+        n_images: images compared.
+        embedding_cosine_mean / embedding_cosine_min: cosine similarity of the ``embedding``
+            outputs, mean and worst image.
+        features_cosine_mean / features_cosine_min: the same for ``features``.
+        top1_agreement: fraction of images whose arg-max class is the same.
+        max_prob_diff: largest absolute difference of any softmax probability.
+        max_abs_diff: per output name, the max absolute element difference.
+        provider: onnxruntime execution provider the variant ran on for the check.
+        source: where the images came from.
+        thresholds: the thresholds it was held to.
+        conversion: how the variant was made (quantiser, calibration images, float nodes...).
+    """
+
+    precision: Literal["fp32", "fp16", "int8"]
+    reference: str = "fp32"
+    reference_onnx_sha256: str = ""
+    n_images: int
+    embedding_cosine_mean: float
+    embedding_cosine_min: float
+    features_cosine_mean: float | None = None
+    features_cosine_min: float | None = None
+    top1_agreement: float
+    max_prob_diff: float
+    max_abs_diff: dict[str, float] = Field(default_factory=dict)
+    provider: str = "CPUExecutionProvider"
+    source: str = ""
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    conversion: dict[str, Any] = Field(default_factory=dict)
+
+
 class ModelCard(BaseModel):
     """Self-description of an exported CNN-codes model (JSON next to ``model.onnx``).
 
@@ -78,6 +119,9 @@ class ModelCard(BaseModel):
     onnx_bytes: int
     training: dict[str, float | int | str | None] = Field(default_factory=dict)
     parity: ParityReport | None = None
+    # precision variants (int8, fp16) only: the check against the fp32 reference. ``parity``
+    # of a variant's card is the fp32 reference's (onnxruntime fp32 vs torch).
+    variant_check: VariantCheck | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
     def output(self, name: str) -> TensorSpec:

@@ -1,0 +1,428 @@
+"""Precision variants of an exported fp32 model: int8 (static QDQ quantisation) and fp16.
+
+Both variants keep the fp32 model's interface: input ``images`` uint8 ``(N, S, S, 3)`` and
+outputs ``logits``, ``embedding``, ``features`` float32 with the same dynamic batch axis, so
+the service serves them unchanged.
+
+* **int8** (CPU): onnxruntime static quantisation in QDQ format, weights int8 per output
+  channel, activations uint8 calibrated (min/max) on preprocessed *training* images. The
+  normalisation prefix of the graph (uint8 -> float cast, /255, mean/std) stays float; only
+  the network after it is quantised. onnxruntime's CPU provider fuses the QDQ pairs into
+  integer kernels (QLinearConv, QGemm, ...).
+* **fp16** (GPU): every float tensor and weight converted to float16 except the graph's
+  inputs/outputs (``keep_io_types``). Meant for the CUDA / TensorRT providers; onnxruntime's
+  CPU provider runs it, but several times slower than fp32.
+
+A variant is compared with its fp32 reference on real images (:func:`compare_variant`) and is
+published only if the figures meet :class:`VariantThresholds`.
+
+Heavy imports (onnx, onnxruntime.quantization) happen inside functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Literal, Sequence
+
+import numpy as np
+
+from models.card import INPUT_NAME, OUTPUT_NAMES, VariantCheck
+from models.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_file
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16", "int8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+CPU = "CPUExecutionProvider"
+
+
+class VariantRejectedError(RuntimeError):
+    """A precision variant missed a threshold against its fp32 reference; nothing published.
+
+    Attributes:
+        check: the measured figures.
+        failures: one line per missed threshold, naming the metric and the setting.
+    """
+
+    def __init__(self, check: VariantCheck, failures: list[str]) -> None:
+        self.check = check
+        self.failures = failures
+        super().__init__(
+            f"{check.precision} variant not published: it differs from fp32 on "
+            f"{check.n_images} images beyond the thresholds: " + "; ".join(failures))
+
+
+@dataclass(frozen=True)
+class VariantThresholds:
+    """What a variant must meet against its fp32 reference (settings ``CNN_CODES_VARIANT_*``).
+
+    Attributes:
+        min_cosine: smallest allowed *mean* embedding cosine similarity.
+        min_cosine_floor: smallest allowed per-image (worst) embedding cosine.
+        min_top1_agreement: smallest allowed fraction of images with the same arg-max class.
+        max_prob_diff: largest allowed absolute difference of any softmax probability.
+    """
+
+    min_cosine: float = 0.99
+    min_cosine_floor: float = 0.90
+    min_top1_agreement: float = 0.98
+    max_prob_diff: float = 0.05
+
+    @classmethod
+    def from_settings(cls, settings) -> "VariantThresholds":
+        """The thresholds held by a :class:`cnn_codes.settings.Settings` object."""
+        return cls(min_cosine=settings.variant_min_cosine,
+                   min_cosine_floor=settings.variant_min_cosine_floor,
+                   min_top1_agreement=settings.variant_min_top1_agreement,
+                   max_prob_diff=settings.variant_max_prob_diff)
+
+    def failures(self, check: VariantCheck) -> list[str]:
+        """One message per missed threshold (empty = the variant passes)."""
+        out = []
+        if check.embedding_cosine_mean < self.min_cosine:
+            out.append(f"embedding_cosine_mean {check.embedding_cosine_mean:.6f} < "
+                       f"{self.min_cosine} (CNN_CODES_VARIANT_MIN_COSINE)")
+        if check.embedding_cosine_min < self.min_cosine_floor:
+            out.append(f"embedding_cosine_min {check.embedding_cosine_min:.6f} < "
+                       f"{self.min_cosine_floor} (CNN_CODES_VARIANT_MIN_COSINE_FLOOR)")
+        if check.top1_agreement < self.min_top1_agreement:
+            out.append(f"top1_agreement {check.top1_agreement:.4f} < "
+                       f"{self.min_top1_agreement} (CNN_CODES_VARIANT_MIN_TOP1_AGREEMENT)")
+        if check.max_prob_diff > self.max_prob_diff:
+            out.append(f"max_prob_diff {check.max_prob_diff:.6f} > "
+                       f"{self.max_prob_diff} (CNN_CODES_VARIANT_MAX_PROB_DIFF)")
+        return out
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """How :func:`quantize_int8` quantises.
+
+    Attributes:
+        per_channel: one weight scale per output channel (much better for depthwise convs).
+        calibrate_method: ``MinMax``, ``Percentile`` or ``Entropy`` (onnxruntime's names).
+        float_head: keep everything after the last convolution float (global pooling, the
+            dense layers producing ``embedding`` and ``logits``): the conv trunk holds > 99 %
+            of the multiply-adds, the head decides the outputs' resolution.
+        exclude_logits: keep (at least) the final classifier producing ``logits`` float.
+        batch_size: images per calibration batch.
+    """
+
+    per_channel: bool = True
+    calibrate_method: str = "MinMax"
+    float_head: bool = True
+    exclude_logits: bool = False
+    batch_size: int = 8
+
+
+def load_images(paths: Iterable[Path], spec: PreprocessSpec) -> tuple[np.ndarray, list[Path]]:
+    """Decode and preprocess image files exactly as serving does.
+
+    Returns:
+        ``(N, S, S, 3)`` uint8 array and the paths that decoded (undecodable ones are logged
+        and skipped).
+
+    Raises:
+        ValueError: no image decoded.
+    """
+    arrays, used = [], []
+    for path in paths:
+        try:
+            arrays.append(preprocess_file(str(path), spec))
+            used.append(Path(path))
+        except ImageDecodeError as exc:
+            logger.warning("skipping %s (%s)", path, exc)
+    if not arrays:
+        raise ValueError("no decodable images")
+    return np.stack(arrays), used
+
+
+def sample_paths(paths: Sequence[Path], limit: int | None, *, seed: int = 0) -> list[Path]:
+    """At most ``limit`` of ``paths``, a seeded random sample (so every class is represented
+    when the folder is sorted by class), in sorted order."""
+    paths = sorted(paths)
+    if limit is None or len(paths) <= limit:
+        return paths
+    return sorted(random.Random(seed).sample(paths, limit))
+
+
+class ImageCalibrationReader:
+    """onnxruntime ``CalibrationDataReader`` over preprocessed uint8 images, in batches."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 8) -> None:
+        self.images = images
+        self.batch_size = batch_size
+        self.rewind()
+
+    def rewind(self) -> None:
+        """Start again from the first batch."""
+        self._start = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next ``{"images": batch}``, or None at the end."""
+        if self._start >= len(self.images):
+            return None
+        batch = self.images[self._start:self._start + self.batch_size]
+        self._start += self.batch_size
+        return {INPUT_NAME: batch}
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+
+def _calibration_reader(images: np.ndarray, batch_size: int):
+    """An :class:`ImageCalibrationReader` that also subclasses onnxruntime's base class."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(ImageCalibrationReader, CalibrationDataReader):
+        pass
+
+    return Reader(images, batch_size)
+
+
+def normalisation_prefix(model) -> list[str]:
+    """Names of the nodes that compute the first convolution's input from the graph input.
+
+    That is the uint8 -> float cast, the /255 scaling, the mean/std normalisation and the
+    shape arithmetic feeding them: they stay float so the input stays uint8 pixels and the
+    normalisation stays exact.
+
+    Raises:
+        ValueError: the graph has no Conv.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    first_conv = next((n for n in model.graph.node if n.op_type == "Conv"), None)
+    if first_conv is None:
+        raise ValueError("the graph has no Conv node")
+    names, stack, seen = [], [first_conv.input[0]], set()
+    while stack:
+        tensor = stack.pop()
+        node = producers.get(tensor)
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        names.append(node.name)
+        stack.extend(node.input)
+    return names
+
+
+def logits_node(model) -> str | None:
+    """Name of the node that produces the ``logits`` output (the classifier Gemm)."""
+    return next((n.name for n in model.graph.node if "logits" in n.output), None)
+
+
+def head_nodes(model) -> list[str]:
+    """Names of the nodes after the last convolution: pooling and the dense head.
+
+    They compute ``features``, ``embedding`` and ``logits`` from the last feature map and are
+    under 1 % of the multiply-adds of every registered backbone; kept float, the three outputs
+    are not re-quantised to 8 bits (one per-tensor uint8 scale over a whole batch's
+    embeddings costs low-norm images most of their resolution).
+    """
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    if not convs:
+        return []
+    producers = {out: node for node in model.graph.node for out in node.output}
+    trunk, stack = set(), [convs[-1]]
+    while stack:
+        node = stack.pop()
+        if id(node) in trunk:
+            continue
+        trunk.add(id(node))
+        stack.extend(producers[i] for i in node.input if i in producers)
+    # a ReLU right after the last conv stays with it (fused into QLinearConv's output range)
+    consumers = [n for n in model.graph.node if convs[-1].output[0] in n.input]
+    if len(consumers) == 1 and consumers[0].op_type in ("Relu", "Clip"):
+        trunk.add(id(consumers[0]))
+    return [n.name for n in model.graph.node if id(n) not in trunk]
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, *,
+                  options: Int8Options = Int8Options()) -> dict:
+    """Static int8 QDQ quantisation of an fp32 model, calibrated on ``calibration`` images.
+
+    Args:
+        fp32_path: the fp32 ONNX model (uint8 input, normalisation in the graph).
+        out_path: where the int8 model is written.
+        calibration: ``(N, S, S, 3)`` uint8 preprocessed training images.
+
+    Returns:
+        What was done (JSON-serialisable), for the model card.
+    """
+    import onnx
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # symbolic + ONNX shape inference and onnxruntime's basic graph optimisations (constant
+        # folding, Conv/BN fusion): onnxruntime's recommended step before quantising
+        quant_pre_process(str(fp32_path), str(prepared))
+        model = onnx.load(str(prepared))
+        # nodes_to_exclude matches names: an unnamed node (e.g. the HardSigmoid/Mul a
+        # HardSwish is inlined into) would make "" exclude every unnamed node at once
+        for index, node in enumerate(model.graph.node):
+            if not node.name:
+                node.name = f"{node.op_type}_{index}"
+        onnx.save(model, str(prepared))
+        excluded = normalisation_prefix(model)
+        if options.float_head:
+            excluded += head_nodes(model)
+        if options.exclude_logits and (name := logits_node(model)) and name not in excluded:
+            excluded.append(name)
+        quantize_static(
+            str(prepared), str(out_path),
+            _calibration_reader(calibration, options.batch_size),
+            quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=getattr(CalibrationMethod, options.calibrate_method),
+            nodes_to_exclude=excluded,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+    check_interface(fp32_path, out_path)
+    quantized = onnx.load(str(out_path), load_external_data=False)
+    n_q = sum(1 for n in quantized.graph.node if n.op_type == "QuantizeLinear")
+    return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+            "weights": "int8 per-channel" if options.per_channel else "int8 per-tensor",
+            "activations": "uint8 asymmetric", "calibrate_method": options.calibrate_method,
+            "calibration_images": int(len(calibration)), "float_head": options.float_head,
+            "float_nodes": sorted(n for n in excluded if n),
+            "quantize_linear_nodes": n_q}
+
+
+def convert_fp16(fp32_path: Path, out_path: Path) -> dict:
+    """Convert weights and float tensors to float16, keeping uint8 in / float32 out.
+
+    Returns:
+        What was done (JSON-serialisable), for the model card.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(fp32_path))
+    converted = convert_float_to_float16(model, keep_io_types=True)
+    onnx.save(converted, str(out_path))
+    onnx.checker.check_model(str(out_path), full_check=True)
+    check_interface(fp32_path, out_path)
+    return {"method": "onnxruntime.transformers.float16.convert_float_to_float16",
+            "keep_io_types": True, "intended_providers": ["CUDAExecutionProvider",
+                                                          "TensorrtExecutionProvider"]}
+
+
+def check_interface(reference: Path, variant: Path) -> None:
+    """The variant has the reference's input/output names, element types and shapes
+    (including the symbolic batch axis).
+
+    Raises:
+        ValueError: naming the first difference.
+    """
+    import onnx
+
+    def signature(path: Path) -> list[tuple]:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        inits = {i.name for i in graph.initializer}
+        rows = []
+        for kind, values in (("input", [v for v in graph.input if v.name not in inits]),
+                             ("output", graph.output)):
+            for v in values:
+                t = v.type.tensor_type
+                dims = tuple(d.dim_param and "dyn" or d.dim_value for d in t.shape.dim)
+                rows.append((kind, v.name, onnx.TensorProto.DataType.Name(t.elem_type), dims))
+        return rows
+
+    want, got = signature(reference), signature(variant)
+    if want != got:
+        raise ValueError(f"{variant} changed the model interface: {got} instead of {want}")
+
+
+def _session(path: Path, providers: Sequence[str], threads: int = 0):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - x.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    same = np.all(a == b, axis=1)
+    return np.where(same, 1.0, (a * b).sum(1) / np.maximum(denom, 1e-300))
+
+
+def compare_variant(reference: Path, variant: Path, images: np.ndarray, *, precision: str,
+                    providers: Sequence[str] = (CPU,), batch_size: int = 16,
+                    source: str = "") -> VariantCheck:
+    """Run the fp32 reference and a variant on the same images and compare their outputs.
+
+    Args:
+        reference: the fp32 model.
+        variant: the int8 / fp16 model.
+        images: ``(N, S, S, 3)`` uint8 preprocessed real images.
+        providers: execution providers of the variant's session (the reference runs on CPU).
+
+    Returns:
+        Embedding and features cosine (mean, min), top-1 agreement, max probability
+        difference and max absolute difference per output.
+    """
+    ref_session = _session(reference, [CPU])
+    var_session = _session(variant, providers)
+    names = list(OUTPUT_NAMES)
+    cos = {"embedding": [], "features": []}
+    agree, max_prob, max_abs = 0, 0.0, dict.fromkeys(names, 0.0)
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        ref = dict(zip(names, ref_session.run(names, {INPUT_NAME: batch})))
+        got = dict(zip(names, var_session.run(names, {INPUT_NAME: batch})))
+        for name in names:
+            max_abs[name] = max(max_abs[name], float(np.abs(ref[name] - got[name]).max()))
+        for name in cos:
+            cos[name].extend(_cosine_rows(ref[name], got[name]).tolist())
+        agree += int((ref["logits"].argmax(1) == got["logits"].argmax(1)).sum())
+        max_prob = max(max_prob, float(np.abs(_softmax(ref["logits"].astype(np.float64))
+                                              - _softmax(got["logits"].astype(np.float64))).max()))
+    return VariantCheck(
+        precision=precision, n_images=len(images),
+        embedding_cosine_mean=float(np.mean(cos["embedding"])),
+        embedding_cosine_min=float(np.min(cos["embedding"])),
+        features_cosine_mean=float(np.mean(cos["features"])),
+        features_cosine_min=float(np.min(cos["features"])),
+        top1_agreement=agree / len(images), max_prob_diff=max_prob, max_abs_diff=max_abs,
+        provider=var_session.get_providers()[0], source=source,
+    )
+
+
+def make_variant(precision: str, fp32_path: Path, out_path: Path, *,
+                 calibration: np.ndarray | None = None,
+                 int8: Int8Options = Int8Options()) -> dict:
+    """Derive the ``precision`` variant of ``fp32_path`` into ``out_path``.
+
+    Returns:
+        The conversion details for the card.
+
+    Raises:
+        ValueError: unknown precision, or int8 without calibration images.
+    """
+    if precision == "int8":
+        if calibration is None or not len(calibration):
+            raise ValueError("int8 quantisation needs calibration images")
+        return quantize_int8(fp32_path, out_path, calibration, options=int8)
+    if precision == "fp16":
+        return convert_fp16(fp32_path, out_path)
+    raise ValueError(f"unknown precision variant {precision!r}; choose from int8, fp16")
+
+
+def thresholds_dict(thresholds: VariantThresholds) -> dict[str, float]:
+    """The thresholds as a plain dict (recorded in the card)."""
+    return asdict(thresholds)
