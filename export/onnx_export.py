@@ -28,7 +28,7 @@ from models.registry import CNNCodeModel, build_backbone, get_backbone_info
 from models.repository import PublishedModel, publish
 from training.config import CONFIG_FILENAME, TrainConfig
 from training.data import normalize_uint8
-from training.trainer import BEST_FILENAME, checkpoint_paths
+from training.trainer import resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +72,7 @@ def load_run_checkpoint(run_dir: Path, which: str = "best") -> dict:
     Raises:
         FileNotFoundError: no such checkpoint.
     """
-    if which == "best":
-        path = run_dir / BEST_FILENAME
-    elif which == "last":
-        paths = checkpoint_paths(run_dir)
-        if not paths:
-            raise FileNotFoundError(f"no checkpoints in {run_dir / 'checkpoints'}")
-        path = paths[-1]
-    else:
-        path = Path(which)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (did training finish an epoch?)")
+    path = resolve_checkpoint(run_dir, which)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
