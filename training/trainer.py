@@ -371,7 +371,7 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> list[d
         The metrics of every epoch of the run (including those before a resume): dicts with
         ``epoch``, ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``dead_units``,
         ``seconds`` (wall time of the epoch, train + val), ``cpu_seconds`` (CPU time of this
-        process, all threads; steadier on a shared machine), ``lr`` (head rate at the epoch's
+        process, all threads; it grows too when the CPU is shared, as idle threads spin), ``lr`` (head rate at the epoch's
         first step), ``backbone_lr``, ``backbone_frozen``, and ``grad_norm`` when clipping.
         Shorter than ``epochs`` when early stopping ended the run.
 
