@@ -41,7 +41,8 @@ _TRAIN_FIELDS = (
     "optimizer", "lr", "backbone_lr_mult", "momentum", "weight_decay", "schedule",
     "warmup_epochs", "label_smoothing", "class_weights", "grad_clip_norm",
     "early_stopping_patience", "early_stopping_metric", "early_stopping_min_delta", "augment",
-    "input_size", "bn_momentum", "seed", "device", "amp", "deterministic", "num_workers",
+    "input_size", "bn_momentum", "precise_bn_batches", "seed", "device", "amp",
+    "deterministic", "num_workers",
 )
 
 
@@ -271,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=["none", "light", "standard", "heavy"])
     p.add_argument("--input-size", type=int, help="input side in pixels (default: weights preset)")
     p.add_argument("--bn-momentum", type=float, help="BatchNorm momentum (default: see docs)")
+    p.add_argument("--precise-bn-batches", type=int,
+                   help="recompute BatchNorm statistics over N training batches after each "
+                        "epoch (0 = off)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
