@@ -245,7 +245,8 @@ def table(results: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(prog="python -m bench.precision", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.precision",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="mobilenet_v3_large,vgg16")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--data", type=Path,

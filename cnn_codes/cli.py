@@ -117,7 +117,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
             calibration_limit=args.calibration_limit or None,
             variant_thresholds=VariantThresholds.from_settings(settings),
             int8_options=Int8Options(calibrate_method=args.calibrate_method,
-                                     exclude_logits=args.int8_float_logits),
+                                     float_head=not args.int8_quantize_head),
         )
     except VariantRejectedError as exc:
         print(f"cnn-codes export: {exc}", file=sys.stderr)
@@ -343,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: at most this many calibration images, 0 = all")
     p.add_argument("--calibrate-method", choices=["MinMax", "Percentile", "Entropy"],
                    default="MinMax", help="int8 activation range calibration")
-    p.add_argument("--int8-float-logits", action="store_true",
-                   help="int8: keep the final classifier layer (logits) in float")
+    p.add_argument("--int8-quantize-head", action="store_true",
+                   help="int8: quantise the dense head too (smaller file, e.g. VGG16 fc6/fc7; "
+                        "default: float after the last conv)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("models", help="inspect and manage the model repository")

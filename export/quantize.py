@@ -68,7 +68,7 @@ class VariantThresholds:
     """
 
     min_cosine: float = 0.99
-    min_cosine_floor: float = 0.90
+    min_cosine_floor: float = 0.80
     min_top1_agreement: float = 0.98
     max_prob_diff: float = 0.05
 
@@ -261,14 +261,14 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, *,
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # symbolic + ONNX shape inference and onnxruntime's basic graph optimisations (constant
-        # folding, Conv/BN fusion): onnxruntime's recommended step before quantising
+        # folding, ...): onnxruntime's recommended step before quantising
         quant_pre_process(str(fp32_path), str(prepared))
         model = onnx.load(str(prepared))
         # nodes_to_exclude matches names: an unnamed node (e.g. the HardSigmoid/Mul a
         # HardSwish is inlined into) would make "" exclude every unnamed node at once
         for index, node in enumerate(model.graph.node):
             if not node.name:
-                node.name = f"{node.op_type}_{index}"
+                node.name = f"_unnamed_{node.op_type}_{index}"
         onnx.save(model, str(prepared))
         excluded = normalisation_prefix(model)
         if options.float_head:

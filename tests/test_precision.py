@@ -1,4 +1,4 @@
-"""Precision variants: int8 (static QDQ quantisation) and fp16, checked against fp32 before publishing."""
+"""Precision variants: int8 (static QDQ quantisation) and fp16, checked against fp32 first."""
 
 from __future__ import annotations
 
@@ -194,15 +194,24 @@ def test_quantize_int8_on_a_constructed_graph(tmp_path):
                             precision="int8")
     assert check.n_images == 6 and check.embedding_cosine_min > 0.95
 
+    whole = quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8-head.onnx", calibration,
+                          options=Int8Options(batch_size=4, float_head=False))
+    assert "classifier" not in whole["float_nodes"]
+    quantized = onnx.load(str(tmp_path / "int8-head.onnx"))
+    dq_outputs = {n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
+    gemms = [n for n in quantized.graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 2 and all(n.input[1] in dq_outputs for n in gemms)
+    check_interface(tmp_path / "fp32.onnx", tmp_path / "int8-head.onnx")
+
 
 def test_thresholds_name_every_missed_metric():
     check = VariantCheck(precision="int8", n_images=10, embedding_cosine_mean=0.98,
-                         embedding_cosine_min=0.85, top1_agreement=0.9, max_prob_diff=0.2)
+                         embedding_cosine_min=0.75, top1_agreement=0.9, max_prob_diff=0.2)
     failures = VariantThresholds().failures(check)
     assert [f.split()[0] for f in failures] == ["embedding_cosine_mean", "embedding_cosine_min",
                                                 "top1_agreement", "max_prob_diff"]
     assert "CNN_CODES_VARIANT_MAX_PROB_DIFF" in failures[-1]
-    assert not VariantThresholds(0.9, 0.8, 0.9, 0.25).failures(check)
+    assert not VariantThresholds(0.9, 0.7, 0.9, 0.25).failures(check)
 
 
 def test_thresholds_come_from_settings(monkeypatch):
