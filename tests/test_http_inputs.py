@@ -11,6 +11,7 @@ import http.server
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -287,9 +288,19 @@ def test_overload_answers_429_with_retry_after(api, data_dir):
 
 
 def openapi_subset(document: dict) -> dict:
-    """The parts of the OpenAPI document clients code against: our routes and schemas."""
+    """What clients of ``/classify`` and ``/embed`` code against: the two operations and
+    every schema they reference, transitively (other routes may change freely)."""
     paths = {p: document["paths"][p] for p in ("/classify", "/embed")}
-    return {"paths": paths, "schemas": document["components"]["schemas"]}
+    schemas = document["components"]["schemas"]
+    wanted: set[str] = set()
+    pending = [paths]
+    while pending:
+        text = json.dumps(pending.pop())
+        for name in re.findall(r'"#/components/schemas/([^"]+)"', text):
+            if name not in wanted:
+                wanted.add(name)
+                pending.append(schemas[name])
+    return {"paths": paths, "schemas": {name: schemas[name] for name in sorted(wanted)}}
 
 
 def test_openapi_matches_golden_copy(api):
@@ -321,7 +332,9 @@ def test_schemathesis_finds_no_server_errors(api, tmp_path):
     proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     output = proc.stdout[-8000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, output
-    assert "No issues found" in output, output
+    # exit 0 = no check failed; warnings (e.g. /admin/reload answering 403) are not failures
+    generated = re.search(r"(\d+) generated, (\d+) passed", output)
+    assert generated and generated.group(1) == generated.group(2), output
     import xml.etree.ElementTree as ElementTree
 
     reports = list(tmp_path.glob("*.xml"))
