@@ -24,11 +24,11 @@ from export.quantize import (PRECISIONS, Int8Options, VariantRejectedError, Vari
 from models.card import (INPUT_NAME, OUTPUT_NAMES, ModelCard, ParityReport, TensorSpec,
                          VariantCheck, sha256_file)
 from models.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_file
-from models.registry import CNNCodeModel, build_backbone, get_backbone_info
+from models.registry import CNNCodeModel, get_backbone_info
 from models.repository import PublishedModel, publish
 from training.config import CONFIG_FILENAME, TrainConfig
 from training.data import normalize_uint8
-from training.trainer import resolve_checkpoint
+from training.trainer import load_model, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +78,7 @@ def load_run_checkpoint(run_dir: Path, which: str = "best") -> dict:
 
 def model_from_checkpoint(checkpoint: dict) -> tuple[CNNCodeModel, PreprocessSpec]:
     """Rebuild the trained model (eval mode) and its preprocessing spec from a checkpoint."""
-    model = build_backbone(checkpoint["backbone"], weights=None,
-                           num_classes=len(checkpoint["class_names"]))
-    model.load_state_dict(checkpoint["model_state"])
-    return model.eval(), PreprocessSpec.model_validate(checkpoint["preprocessing"])
+    return load_model(checkpoint), PreprocessSpec.model_validate(checkpoint["preprocessing"])
 
 
 def export_onnx(model: CNNCodeModel, spec: PreprocessSpec, path: Path, *,
