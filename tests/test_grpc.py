@@ -516,8 +516,14 @@ def test_requests_and_images_counted_by_protocol(oip, client, http_client, publi
 
 
 def test_http_and_grpc_requests_share_batches(oip, client, card, published, photos):
-    """While the Encoder is busy with two full batches (gRPC UINT8), one HTTP /embed image and
-    one gRPC image arrive; a batch of exactly 2 can only hold one of each."""
+    """While the Encoder works through a queue of full batches (gRPC UINT8), one HTTP /embed
+    image and one gRPC image arrive; a batch of exactly 2 can only hold one of each.
+
+    The two singles are sent once the first full batch has come back, so the Encoder is known
+    to be busy with the rest of the queue (BentoML runs one batch at a time per worker) for
+    however long this machine needs for ``blockers_n - 1`` full batches.
+    """
+    blockers_n = 6
     batch_size = Settings.model_fields["max_batch_size"].default
     rng = np.random.default_rng(0)
     blocker = rng.integers(0, 256, (batch_size, *pixels(card, photos[:1]).shape[1:]),
@@ -529,28 +535,30 @@ def test_http_and_grpc_requests_share_batches(oip, client, card, published, phot
         client.infer(published["name"], [uint8_input(triton_grpc, batch)], headers=auth(),
                      outputs=[triton_grpc.InferRequestedOutput("embedding")])
 
-    def http_call() -> int:
-        return httpx.post(f"{oip.url}/embed", files=[("images", ("x.jpg", photo, "image/jpeg"))],
-                          headers=auth(), timeout=TIMEOUT).status_code
-
     def buckets() -> dict[str, float]:
         return {le: metric(oip.url, "cnn_codes_batch_size_bucket", le=le)
                 for le in ("1.0", "2.0")}
 
-    for _ in range(20):
-        before = buckets()
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            blockers = [pool.submit(grpc_call, blocker) for _ in range(2)]
-            time.sleep(0.02)
-            mixed = [pool.submit(grpc_call, single), pool.submit(http_call)]
-            for future in blockers + mixed[:1]:
-                future.result()
-            assert mixed[1].result() == 200
-        after = buckets()
-        pairs = (after["2.0"] - before["2.0"]) - (after["1.0"] - before["1.0"])
-        if pairs >= 1:
-            return
-    pytest.fail("in 20 rounds no batch held both the HTTP and the gRPC request")
+    with httpx.Client(base_url=oip.url, headers=auth(), timeout=TIMEOUT) as http:
+        def http_call() -> int:
+            return http.post("/embed", files=[("images", ("x.jpg", photo, "image/jpeg"))]
+                             ).status_code
+
+        assert http_call() == 200  # the connection is open before the timed part
+        for _ in range(10):
+            before = buckets()
+            with concurrent.futures.ThreadPoolExecutor(blockers_n + 2) as pool:
+                blockers = [pool.submit(grpc_call, blocker) for _ in range(blockers_n)]
+                concurrent.futures.wait(blockers, return_when=concurrent.futures.FIRST_COMPLETED)
+                mixed = [pool.submit(http_call), pool.submit(grpc_call, single)]
+                for future in blockers + mixed[1:]:
+                    future.result()
+                assert mixed[0].result() == 200
+            after = buckets()
+            pairs = (after["2.0"] - before["2.0"]) - (after["1.0"] - before["1.0"])
+            if pairs >= 1:
+                return
+    pytest.fail("in 10 rounds no batch held both the HTTP and the gRPC request")
 
 
 # -- not-ready and overload: the same front over a stand-in Encoder -----------------------
