@@ -1,4 +1,4 @@
-"""The ``cnn-codes`` command: backbones, train, export, models, bootstrap, serve.
+"""The ``cnn-codes`` command: backbones, train, export, models, bootstrap, embed, serve.
 
 Heavy imports (torch, onnx, bentoml) happen inside each subcommand, so ``cnn-codes --help`` is
 fast and ``serve`` never imports torch.
@@ -231,6 +231,39 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0  # not reached
 
 
+def _cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
+    """Batch embedding job: images -> Parquet CNN codes, resumable (see :mod:`batch.job`).
+
+    Exit 0 done (failed images are rows with an ``error_code``, not a failed job); 2 bad
+    sources, unknown model or an output folder holding another job.
+    """
+    from batch.job import DecodeLimits, JobMismatchError
+    from batch.runner import JobOptions, run_job
+    from batch.sources import SourceError
+    from models.repository import ModelIntegrityError, ModelNotFoundError, resolve
+    from service.runtime import SessionConfig
+
+    name, _, version = (args.model or settings.model_name).partition(":")
+    options = JobOptions(
+        batch_size=args.batch_size, decode_workers=args.decode_workers or (os.cpu_count() or 1),
+        limits=DecodeLimits(max_pixels=settings.max_image_pixels,
+                            min_side=settings.min_image_side),
+        session_config=SessionConfig.from_settings(settings), engine=args.engine,
+        ray_address=args.ray_address, ray_actors=args.ray_actors,
+        progress=not args.no_progress)
+    try:
+        model = resolve(args.repository or settings.repository, name,
+                        version or settings.model_version)
+        report = run_job(args.sources, args.out, model, layer=args.layer,
+                         normalize=not args.no_normalize, shard_size=args.shard_size,
+                         options=options)
+    except (SourceError, JobMismatchError, ModelNotFoundError, ModelIntegrityError) as exc:
+        print(f"cnn-codes embed: {exc}", file=sys.stderr)
+        return 2
+    print(report.model_dump_json())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``cnn-codes`` (one subparser per subcommand)."""
     parser = argparse.ArgumentParser(prog="cnn-codes", description=__doc__.splitlines()[0])
@@ -359,6 +392,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bootstrap", help="build the default model if the repository lacks it")
     p.add_argument("--force", action="store_true", help="build a new version even if one exists")
     p.set_defaults(func=_cmd_bootstrap)
+
+    p = sub.add_parser("embed", help="batch job: CNN codes of many images -> Parquet, resumable")
+    p.add_argument("sources", nargs="+",
+                   help="directories, glob patterns, or manifests (.txt a path per line; "
+                        ".csv/.parquet with a 'path' column)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder (part-NNNNN.parquet); run again to resume")
+    p.add_argument("--model", help="NAME[:VERSION|ALIAS] (default: the served model setting)")
+    p.add_argument("--repository", type=Path)
+    p.add_argument("--layer", choices=["embedding", "features"], default="embedding",
+                   help="penultimate layer (embedding) or pooled conv output (features)")
+    p.add_argument("--no-normalize", action="store_true", help="keep raw (not L2) vectors")
+    p.add_argument("--shard-size", type=int, default=1024, help="images per part file")
+    p.add_argument("--batch-size", type=int, default=32, help="images per onnxruntime run")
+    p.add_argument("--decode-workers", type=int, default=0,
+                   help="decoding threads per process, 0 = one per core")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="ray: Ray Data map_batches over parts, one model per actor")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--ray-actors", type=int, default=1, help="Ray actors (model replicas)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("serve", help="serve HTTP with BentoML")
     p.add_argument("--host")

@@ -1,0 +1,205 @@
+"""Batch embedding jobs (``cnn-codes embed``): real photos in, Parquet CNN codes out.
+
+Checks every input lands in exactly one row, good rows equal onnxruntime run directly on the
+same preprocessed image, bad files become rows with their error code, a job killed mid-way
+resumes without duplicates or gaps, and the Ray engine writes the same rows as the local one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow.dataset as pads
+import pytest
+
+from batch.sources import SourceError, list_inputs
+from conftest import CLI, REPO_ROOT, base_env, last_json_line, run_cli
+from models.card import ModelCard
+from models.preprocessing import preprocess_file
+
+SHARD = 40
+
+
+def read_job(out: Path) -> dict[str, dict]:
+    """``{path: row}`` of a job's output folder; fails on a duplicated path."""
+    table = pads.dataset(out, format="parquet").to_table()
+    rows = table.to_pylist()
+    paths = [r["path"] for r in rows]
+    assert len(paths) == len(set(paths)), "a path appears in more than one row"
+    return {r["path"]: r for r in rows}
+
+
+def embed_args(published: dict, *sources: str | Path, out: Path, **flags: str) -> list[str]:
+    args = ["embed", *map(str, sources), "--out", str(out), "--no-progress",
+            "--repository", str(published["repository"]),
+            "--model", f"{published['name']}:{published['version']}"]
+    for flag, value in flags.items():
+        args += [f"--{flag.replace('_', '-')}", value]
+    return args
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A folder of files that are not usable images, next to the photos."""
+    folder = tmp_path_factory.mktemp("bad")
+    photo = sorted((data_dir / "val" / "ants").glob("*.jpg"))[0].read_bytes()
+    (folder / "truncated.jpg").write_bytes(photo[: len(photo) // 3])
+    (folder / "notes.jpg").write_text("these are not pixels\n")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "readme.md").write_text("not listed: no image extension\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gif(data_dir: Path) -> Path:
+    """The sample data's one GIF (a train photo), given as a file source."""
+    return next((data_dir / "train").rglob("*.gif"))
+
+
+@pytest.fixture(scope="module")
+def clean_job(published: dict, data_dir: Path, bad_files: Path, gif: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One uninterrupted job over the val photos, the GIF and the bad files."""
+    out = tmp_path_factory.mktemp("embed") / "clean"
+    proc = run_cli(*embed_args(published, data_dir / "val", bad_files, gif, out=out,
+                               shard_size=str(SHARD)))
+    return {"out": out, "report": last_json_line(proc.stdout), "rows": read_job(out)}
+
+
+def test_every_input_is_one_row_and_equals_onnxruntime(clean_job, published, data_dir,
+                                                       bad_files, gif):
+    rows, report = clean_job["rows"], clean_job["report"]
+    expected = [str(p.resolve()) for p in (data_dir / "val").rglob("*") if p.is_file()] + [
+        str(p.resolve()) for p in bad_files.iterdir() if p.suffix != ".md"] + [str(gif)]
+    assert sorted(rows) == sorted(expected)
+    assert report["images"] == len(expected) and report["errors"] == 3
+    assert report["parts_total"] == report["parts_written"] == -(-len(expected) // SHARD)
+    assert sorted(p.name for p in clean_job["out"].glob("part-*.parquet")) == [
+        f"part-{i:05d}.parquet" for i in range(report["parts_total"])]
+
+    card = ModelCard.model_validate_json((published["path"] / "model_card.json").read_text())
+    session = ort.InferenceSession(str(published["path"] / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    photos = sorted(p for p in rows if p.startswith(str(data_dir / "val")))
+    for path in [str(gif), *photos[::30]]:
+        row = rows[path]
+        assert row["error_code"] is None and row["model_version"] == published["version"]
+        assert row["model_name"] == published["name"]
+        image = preprocess_file(path, card.preprocessing)[None]
+        direct = session.run(["embedding"], {"images": image})[0][0]
+        direct = direct / np.linalg.norm(direct)
+        got = np.asarray(row["embedding"], dtype=np.float32)
+        assert got.shape == (card.dim("embedding"),)
+        np.testing.assert_allclose(got, direct, atol=2e-5)
+    # photos really differ (a collapsed model would give one vector for all)
+    vectors = np.stack([np.asarray(r["embedding"]) for r in rows.values() if r["embedding"]])
+    assert float(np.mean(vectors @ vectors.T)) < 0.99
+
+    codes = {Path(p).name: r["error_code"] for p, r in rows.items() if r["error_code"]}
+    assert codes == {"truncated.jpg": "truncated", "notes.jpg": "not_an_image",
+                     "empty.png": "empty"}
+    for path, row in rows.items():
+        assert (row["embedding"] is None) == (row["error_code"] is not None), path
+        assert (row["error"] is None) == (row["error_code"] is None), path
+
+
+def test_killed_job_resumes_without_duplicates_or_gaps(clean_job, published, data_dir,
+                                                       bad_files, gif, tmp_path):
+    out = tmp_path / "killed"
+    args = embed_args(published, data_dir / "val", bad_files, gif, out=out, shard_size=str(SHARD),
+                      batch_size="8")
+    proc = subprocess.Popen([*CLI, *args], env=base_env(), cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (out / "part-00001.parquet").exists():
+        assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+        assert time.monotonic() < deadline, "no part written in 300 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*")}
+    total = clean_job["report"]["parts_total"]
+    assert 2 <= len(before) < total, "the kill came too late to test a resume"
+
+    report = last_json_line(run_cli(*args).stdout)
+    assert report["parts_skipped"] == len(before)
+    assert report["parts_written"] == total - len(before)
+    # the local engine writes parts in order, so the kept ones are the first, full ones
+    assert sorted(before) == [f"part-{i:05d}.parquet" for i in range(len(before))]
+    assert report["images"] == len(clean_job["rows"]) - len(before) * SHARD
+    for name, stat in before.items():  # complete parts are kept, not rewritten
+        path = out / name
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == stat
+    assert not list(out.glob(".*.tmp"))
+    rows = read_job(out)
+    assert sorted(rows) == sorted(clean_job["rows"])
+    for path, row in rows.items():
+        want = clean_job["rows"][path]
+        assert row["error_code"] == want["error_code"]
+        if want["embedding"] is not None:
+            np.testing.assert_allclose(row["embedding"], want["embedding"], atol=2e-5)
+
+    # a finished job run again writes nothing
+    again = last_json_line(run_cli(*args).stdout)
+    assert again["parts_written"] == 0 and again["parts_skipped"] == total
+
+
+def test_output_folder_of_another_job_is_refused(clean_job, published, data_dir, bad_files,
+                                                gif):
+    args = embed_args(published, data_dir / "val", bad_files, gif, out=clean_job["out"],
+                      shard_size=str(SHARD), layer="features")
+    proc = subprocess.run([*CLI, *args], env=base_env(), cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "holds another job" in proc.stderr and "layer" in proc.stderr
+    assert "features" in proc.stderr
+    # nothing of the finished job was touched
+    assert read_job(clean_job["out"]).keys() == clean_job["rows"].keys()
+
+
+def test_sources_directories_globs_and_manifests(tmp_path: Path, data_dir: Path):
+    ants = sorted((data_dir / "val" / "ants").glob("*.jpg"))[:3]
+    (tmp_path / "lists").mkdir()
+    manifest = tmp_path / "lists" / "some.txt"
+    manifest.write_text(f"# three ants\n{ants[0]}\n../rel.jpg\n\n{ants[1]}\n")
+    csv = tmp_path / "table.csv"
+    csv.write_text(f"path,label\n{ants[2]},ant\n")
+    listed = list_inputs([manifest, csv])
+    assert listed == sorted([str(ants[0]), str(ants[1]), str(ants[2]),
+                             str(tmp_path / "rel.jpg")])
+    globbed = list_inputs([str(data_dir / "val" / "*" / "*.jpg")])
+    walked = list_inputs([data_dir / "val"])
+    assert set(globbed) <= set(walked) and len(walked) - len(globbed) == sum(
+        1 for p in walked if not p.endswith(".jpg"))
+    assert list_inputs([data_dir / "val", str(data_dir / "val" / "ants" / "*")]) == walked
+    for bad in ([tmp_path / "missing"], [str(tmp_path / "*.nothing")]):
+        with pytest.raises(SourceError):
+            list_inputs(bad)
+    (tmp_path / "nopath.csv").write_text("file\nx.jpg\n")
+    with pytest.raises(SourceError, match="path"):
+        list_inputs([tmp_path / "nopath.csv"])
+
+
+def test_ray_engine_writes_the_same_rows(clean_job, published, data_dir, tmp_path):
+    pytest.importorskip("ray") if os.environ.get("CI", "").lower() != "true" else None
+    photos = sorted(p for p in clean_job["rows"] if clean_job["rows"][p]["error_code"] is None)
+    manifest = tmp_path / "subset.txt"
+    manifest.write_text("\n".join(photos[::6]) + "\n")
+    out = tmp_path / "ray"
+    proc = run_cli(*embed_args(published, manifest, out=out, shard_size="9", engine="ray",
+                               ray_actors="1"), env=base_env(RAY_USAGE_STATS_ENABLED="0"))
+    report = last_json_line(proc.stdout)
+    assert report["parts_written"] == report["parts_total"] == -(-len(photos[::6]) // 9)
+    rows = read_job(out)
+    assert sorted(rows) == photos[::6]
+    for path, row in rows.items():
+        np.testing.assert_allclose(row["embedding"], clean_job["rows"][path]["embedding"],
+                                   atol=2e-5)
+    assert json.loads((out / "_job.json").read_text())["shard_size"] == 9
