@@ -11,7 +11,7 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK := true
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: venv serve test model clean
+.PHONY: venv serve test model clean deploy-deps compose-check
 
 venv: $(STAMP)
 
@@ -29,8 +29,16 @@ model: venv
 serve: model
 	$(BIN)/cnn-codes serve --host $(HOST) --port $(PORT)
 
+## Real nginx and Prometheus from Debian for tests/test_deploy.py (the compose topology on loopback).
+deploy-deps:
+	scripts/install-deploy-deps.sh
+
+## Validate docker-compose.yml against the Compose Specification (no Docker engine needed).
+compose-check: venv
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+
 ## The whole test suite (what CI runs).
-test: venv
+test: venv deploy-deps
 	$(BIN)/python -m pytest -v
 
 clean:

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Real nginx and Prometheus (Debian packages) for tests/test_deploy.py, which starts them on
+# loopback itself. Package install scripts must not start the system services (port 80/9090),
+# so a policy-rc.d that forbids service starts is in place during the install.
+set -euo pipefail
+need=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+[ ${#need[@]} -eq 0 ] && exit 0
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+policy=/usr/sbin/policy-rc.d
+created=0
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+  $SUDO chmod +x "$policy"
+  created=1
+fi
+trap '[ "$created" -eq 1 ] && $SUDO rm -f "$policy"' EXIT
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
