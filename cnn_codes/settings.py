@@ -49,6 +49,8 @@ class Settings(BaseSettings):
         max_batch_size: adaptive batching: largest batch, images.
         max_latency_ms: adaptive batching deadline, ms (generous: overload is bounded by
             ``max_concurrency`` answering 429, not by 503s).
+        max_batch_wait_ms: the longest adaptive batching holds a request, ms, to let its batch
+            grow (a cap on what BentoML's dispatcher learns; see :mod:`service.batching`).
         max_concurrency: concurrent requests per API worker; more get 429 + Retry-After.
         api_workers: API service worker processes.
         max_images_per_request: images in one request before 413.
@@ -102,6 +104,7 @@ class Settings(BaseSettings):
     ort_allow_spinning: bool = False
     max_batch_size: int = Field(default=32, ge=1)
     max_latency_ms: int = Field(default=30_000, ge=1)
+    max_batch_wait_ms: float = Field(default=5.0, ge=0)
     max_concurrency: int = Field(default=64, ge=1)
     api_workers: int = Field(default=1, ge=1)
     max_images_per_request: int = Field(default=64, ge=1)

@@ -102,7 +102,10 @@ class Encoder:
     """The inference core: onnxruntime on uint8 batches, adaptive batching by BentoML."""
 
     def __init__(self) -> None:
+        from service.batching import cap_learned_wait
+
         self.settings = Settings()
+        cap_learned_wait(self.settings.max_batch_wait_ms / 1000)
         self.core = self._open(_load_card(self.settings))
 
     def _open(self, published) -> "OnnxEncoder":
