@@ -15,7 +15,8 @@ appears in exactly one row, whatever crashed and when. Readers take the folder a
 
 Rows: ``path`` (str), ``embedding`` (``fixed_size_list<float32>[D]``, L2-normalised unless
 asked otherwise; null when the image failed), ``error_code`` / ``error`` (str, null when it
-worked; the same codes as the HTTP API, plus ``unreadable`` for files that cannot be read),
+worked; the same codes as the HTTP API, plus ``unreadable`` for files that cannot be read and
+``decode_failed`` for an unexpected decoder exception),
 ``model_name`` (str), ``model_version`` (int32).
 
 Torch-free: onnxruntime, numpy, pillow, pyarrow.
@@ -240,6 +241,9 @@ class ShardEmbedder:
                                     min_side=self.limits.min_side, formats=SERVING_FORMATS)
         except ImageDecodeError as exc:
             return exc.code, exc.message
+        except Exception as exc:  # noqa: BLE001 - one odd file must not fail the job
+            logger.warning("unexpected error decoding %s", path, exc_info=True)
+            return "decode_failed", f"{type(exc).__name__}: {exc}"
 
     def _decoded_batches(self, paths: Sequence[str]
                          ) -> Iterator[list[np.ndarray | tuple[str, str]]]:

@@ -231,6 +231,13 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0  # not reached
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
     """Batch embedding job: images -> Parquet CNN codes, resumable (see :mod:`batch.job`).
 
@@ -288,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unfreeze-after", type=int, metavar="N",
                    help="feature-extract: unfreeze the backbone after N epochs")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--optimizer", choices=["adamw", "sgd"])
     p.add_argument("--lr", type=float, help="head learning rate")
     p.add_argument("--backbone-lr-mult", type=float, help="backbone lr = lr x this")
@@ -404,14 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", choices=["embedding", "features"], default="embedding",
                    help="penultimate layer (embedding) or pooled conv output (features)")
     p.add_argument("--no-normalize", action="store_true", help="keep raw (not L2) vectors")
-    p.add_argument("--shard-size", type=int, default=1024, help="images per part file")
-    p.add_argument("--batch-size", type=int, default=32, help="images per onnxruntime run")
+    p.add_argument("--shard-size", type=_positive_int, default=1024,
+                   help="images per part file")
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="images per onnxruntime run")
     p.add_argument("--decode-workers", type=int, default=0,
                    help="decoding threads per process, 0 = one per core")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="ray: Ray Data map_batches over parts, one model per actor")
     p.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
-    p.add_argument("--ray-actors", type=int, default=1, help="Ray actors (model replicas)")
+    p.add_argument("--ray-actors", type=_positive_int, default=1,
+                   help="Ray actors (model replicas)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_embed)
 
