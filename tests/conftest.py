@@ -86,6 +86,23 @@ def published(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> di
             "path": Path(result["path"])}
 
 
+def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 120) -> None:
+    """Poll ``url/readyz`` until 200; fail with the log's tail on timeout or if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited {proc.returncode}:\n"
+                        f"{log_path.read_text(errors='replace')[-6000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"server not ready after {timeout} s:\n"
+                f"{log_path.read_text(errors='replace')[-6000:]}")
+
+
 class Server:
     """A ``cnn-codes serve`` process on a free loopback port; stopped by :meth:`stop`."""
 
@@ -113,17 +130,7 @@ class Server:
 
     def wait_ready(self, timeout: float = 120) -> None:
         """Poll ``/readyz`` until 200; fail with the server log on timeout or early exit."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited {self.proc.returncode}:\n{self.log()[-6000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"server not ready after {timeout} s:\n{self.log()[-6000:]}")
+        wait_ready(self.url, self.proc, self.log_path, timeout)
 
     def stop(self) -> None:
         """SIGTERM the whole process group, then SIGKILL if it lingers."""

@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from conftest import REPO_ROOT, base_env, free_port
+from conftest import REPO_ROOT, base_env, free_port, wait_ready
 
 
 def test_bento_builds_and_serves(published, data_dir, tmp_path):
@@ -38,15 +37,7 @@ def test_bento_builds_and_serves(published, data_dir, tmp_path):
                              "--port", str(port)], env=env, cwd=tmp_path, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "bento.log").read_text()[-4000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_ready(f"http://127.0.0.1:{port}", proc, tmp_path / "bento.log", timeout=180)
         image = sorted((data_dir / "val" / "ants").glob("*.jpg"))[0]
         response = httpx.post(f"http://127.0.0.1:{port}/embed", timeout=60,
                               files=[("images", (image.name, image.read_bytes()))])
