@@ -170,6 +170,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"| both stages sharing the cores: 1/(1/onnx + 1/decode) | "
             f"{_fmt(pipe['shared_cores_images_per_s'])} |",
         ]
+        job = limit.get("batch_job")
+        if job:
+            lines.append(f"| (context) `cnn-codes embed` batch job, local engine, {job['images']} "
+                         f"photos in {job['seconds']} s incl. start-up | "
+                         f"{_fmt(job['images_per_s'])} |")
     summary = summary_table(result)
     if summary:
         lines += ["", "## Throughput: images/s (p99 ms), one photo per request", "", *summary]

@@ -139,6 +139,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "weights": "random init + 1 epoch (speed does not depend on weights)"}
 
     result["limit"] = _limits(args, photos, model, spec, quick)
+    result["limit"]["batch_job"] = limit_mod.batch_job_throughput(
+        args.data, model.repository, model.ref, work_dir)
     result["preprocessing"] = preproc.draft_mode_table(photos, spec,
                                                        seconds=0.5 if quick else 2.0)
 
