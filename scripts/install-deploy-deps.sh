@@ -17,5 +17,5 @@ if [ ! -e "$policy" ]; then
   created=1
 fi
 trap '[ "$created" -eq 1 ] && $SUDO rm -f "$policy"' EXIT
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+$SUDO apt-get -o Acquire::Retries=3 update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o Acquire::Retries=3 install -y -qq --no-install-recommends "${need[@]}"
