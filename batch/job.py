@@ -13,8 +13,8 @@ moment and started again with the same arguments redoes only the missing parts: 
 appears in exactly one row, whatever crashed and when. Readers take the folder as one dataset
 (``pyarrow.dataset.dataset(OUT)``; files starting with ``_`` are skipped by pyarrow).
 
-Rows: ``path`` (str), ``embedding`` (``fixed_size_list<float32>[D]``, L2-normalised unless
-asked otherwise; null when the image failed), ``error_code`` / ``error`` (str, null when it
+Rows: ``path`` (str), ``embedding`` (``fixed_size_list<float32>[D]``, or ``<float16>`` when
+asked, to halve the storage; L2-normalised unless asked otherwise; null when the image failed), ``error_code`` / ``error`` (str, null when it
 worked; the same codes as the HTTP API, plus ``unreadable`` for files that cannot be read and
 ``decode_failed`` for an unexpected decoder exception),
 ``model_name`` (str), ``model_version`` (int32).
@@ -46,6 +46,7 @@ JOB_FILE = "_job.json"
 INPUTS_FILE = "_inputs.txt"
 PART_PATTERN = "part-{:05d}.parquet"
 Layer = Literal["embedding", "features"]
+DType = Literal["float32", "float16"]
 
 
 class JobMismatchError(ValueError):
@@ -60,6 +61,7 @@ class EmbedJobSpec(BaseModel):
         layer: ``embedding`` (penultimate layer, D values) or ``features`` (pooled conv
             output, C values).
         normalize: rows L2-normalised.
+        dtype: stored value type (computed in float32; ``float16`` is rounded at write time).
         dim: values per row.
         shard_size: inputs per part file.
         num_inputs: inputs in the job.
@@ -72,6 +74,7 @@ class EmbedJobSpec(BaseModel):
     onnx_sha256: str
     layer: Layer
     normalize: bool
+    dtype: DType = "float32"
     dim: int = Field(ge=1)
     shard_size: int = Field(ge=1)
     num_inputs: int = Field(ge=0)
@@ -119,7 +122,7 @@ def inputs_digest(inputs: Sequence[str]) -> str:
 
 
 def make_spec(model: PublishedModel, inputs: Sequence[str], *, layer: Layer, normalize: bool,
-              shard_size: int) -> EmbedJobSpec:
+              shard_size: int, dtype: DType = "float32") -> EmbedJobSpec:
     """The spec of a job of ``model`` over ``inputs``.
 
     Raises:
@@ -128,7 +131,7 @@ def make_spec(model: PublishedModel, inputs: Sequence[str], *, layer: Layer, nor
     card = model.card
     return EmbedJobSpec(model_name=card.name, model_version=card.version,
                         onnx_sha256=card.onnx_sha256, layer=layer, normalize=normalize,
-                        dim=card.dim(layer), shard_size=shard_size, num_inputs=len(inputs),
+                        dtype=dtype, dim=card.dim(layer), shard_size=shard_size, num_inputs=len(inputs),
                         inputs_sha256=inputs_digest(inputs))
 
 
@@ -303,9 +306,10 @@ class ShardEmbedder:
         paths = list(inputs[start:stop])
         values, errors = self.embed(paths, progress)
         failed = np.array([e is not None for e in errors], dtype=bool)
+        value_type = pa.float16() if self.spec.dtype == "float16" else pa.float32()
         embedding = pa.FixedSizeListArray.from_arrays(
-            pa.array(values.reshape(-1), type=pa.float32()), self.spec.dim,
-            mask=pa.array(failed))
+            pa.array(values.reshape(-1).astype(self.spec.dtype), type=value_type),
+            self.spec.dim, mask=pa.array(failed))
         schema = _schema(self.spec)
         table = pa.table({
             "path": pa.array(paths, type=pa.string()),
@@ -330,7 +334,8 @@ def _schema(spec: EmbedJobSpec):
 
     return pa.schema([
         pa.field("path", pa.string(), nullable=False),
-        pa.field("embedding", pa.list_(pa.float32(), spec.dim)),
+        pa.field("embedding", pa.list_(pa.float16() if spec.dtype == "float16"
+                                       else pa.float32(), spec.dim)),
         pa.field("error_code", pa.string()),
         pa.field("error", pa.string()),
         pa.field("model_name", pa.string(), nullable=False),

@@ -11,8 +11,8 @@ from typing import Literal, Sequence
 
 from pydantic import BaseModel
 
-from batch.job import (DecodeLimits, EmbedJobSpec, Layer, ShardEmbedder, make_spec, prepare,
-                       read_inputs)
+from batch.job import (DecodeLimits, DType, EmbedJobSpec, Layer, ShardEmbedder, make_spec,
+                       prepare, read_inputs)
 from batch.sources import list_inputs
 from models.repository import PublishedModel
 from service.runtime import SessionConfig
@@ -75,8 +75,8 @@ class JobReport(BaseModel):
 
 
 def run_job(sources: Sequence[str | Path], out_dir: str | Path, model: PublishedModel, *,
-            layer: Layer = "embedding", normalize: bool = True, shard_size: int = 1024,
-            options: JobOptions = JobOptions()) -> JobReport:
+            layer: Layer = "embedding", normalize: bool = True, dtype: DType = "float32",
+            shard_size: int = 1024, options: JobOptions = JobOptions()) -> JobReport:
     """Embed every image the sources name into ``out_dir`` (see :mod:`batch.job`).
 
     Starting it again with the same arguments after a crash finishes the job: complete parts
@@ -99,7 +99,8 @@ def run_job(sources: Sequence[str | Path], out_dir: str | Path, model: Published
                            "the stored list (a new output folder embeds the new files)",
                            len(inputs), out, len(stored))
             inputs = stored
-    spec = make_spec(model, inputs, layer=layer, normalize=normalize, shard_size=shard_size)
+    spec = make_spec(model, inputs, layer=layer, normalize=normalize, shard_size=shard_size,
+                     dtype=dtype)
     pending = prepare(out, spec, inputs)
     done_images = spec.num_inputs - sum(_rows(spec, i) for i in pending)
     logger.info("job %s: %d inputs in %d parts, %d to write, model %s:%d", out,

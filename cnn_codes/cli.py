@@ -262,7 +262,8 @@ def _cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
         model = resolve(args.repository or settings.repository, name,
                         version or settings.model_version)
         report = run_job(args.sources, args.out, model, layer=args.layer,
-                         normalize=not args.no_normalize, shard_size=args.shard_size,
+                         normalize=not args.no_normalize, dtype=args.dtype,
+                         shard_size=args.shard_size,
                          options=options)
     except (SourceError, JobMismatchError, ModelNotFoundError, ModelIntegrityError) as exc:
         print(f"cnn-codes embed: {exc}", file=sys.stderr)
@@ -411,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", choices=["embedding", "features"], default="embedding",
                    help="penultimate layer (embedding) or pooled conv output (features)")
     p.add_argument("--no-normalize", action="store_true", help="keep raw (not L2) vectors")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="stored value type (float16 halves the files)")
     p.add_argument("--shard-size", type=_positive_int, default=1024,
                    help="images per part file")
     p.add_argument("--batch-size", type=_positive_int, default=32,

@@ -203,3 +203,25 @@ def test_ray_engine_writes_the_same_rows(clean_job, published, data_dir, tmp_pat
         np.testing.assert_allclose(row["embedding"], clean_job["rows"][path]["embedding"],
                                    atol=2e-5)
     assert json.loads((out / "_job.json").read_text())["shard_size"] == 9
+
+
+def test_float16_output_halves_the_vectors_and_keeps_them(clean_job, published, tmp_path):
+    import pyarrow.parquet as pq
+
+    photos = sorted(p for p in clean_job["rows"] if clean_job["rows"][p]["error_code"] is None)
+    manifest = tmp_path / "subset.txt"
+    manifest.write_text("\n".join(photos[:64]) + "\n")
+    outs = {}
+    for dtype in ("float32", "float16"):
+        outs[dtype] = tmp_path / dtype
+        run_cli(*embed_args(published, manifest, out=outs[dtype], dtype=dtype))
+    schema = pq.read_schema(outs["float16"] / "part-00000.parquet")
+    assert str(schema.field("embedding").type) == (
+        f"fixed_size_list<element: halffloat>[{len(clean_job['rows'][photos[0]]['embedding'])}]")
+    sizes = {d: (o / "part-00000.parquet").stat().st_size for d, o in outs.items()}
+    assert sizes["float16"] < 0.7 * sizes["float32"], sizes
+    rows = read_job(outs["float16"])
+    assert sorted(rows) == photos[:64]
+    for path, row in rows.items():
+        np.testing.assert_allclose(np.asarray(row["embedding"], dtype=np.float32),
+                                   clean_job["rows"][path]["embedding"], atol=1e-3)
