@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,6 +65,16 @@ def last_json_line(text: str) -> dict:
         if line.startswith("{"):
             return json.loads(line)
     raise AssertionError(f"no JSON line in output:\n{text[-2000:]}")
+
+
+def subset_imagefolder(data_dir: Path, root: Path, counts: dict[str, dict[str, int]]) -> Path:
+    """Copy the first ``counts[split][cls]`` JPEGs of each class of ``data_dir`` into ``root``."""
+    for split, per_class in counts.items():
+        for cls, count in per_class.items():
+            (root / split / cls).mkdir(parents=True)
+            for path in sorted((data_dir / split / cls).glob("*.jpg"))[:count]:
+                shutil.copy(path, root / split / cls / path.name)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import last_json_line, run_cli
+from conftest import last_json_line, run_cli, subset_imagefolder
 from export.onnx_export import load_run_checkpoint, model_from_checkpoint
 from models.card import ModelCard
 from models.repository import (ModelIntegrityError, ModelNotFoundError, list_versions, resolve,
@@ -24,13 +24,8 @@ from training.trainer import RunDirError, checkpoint_paths, train
 @pytest.fixture(scope="module")
 def tiny_data(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small ImageFolder of real photos: 8 train + 4 val per class."""
-    root = tmp_path_factory.mktemp("tiny")
-    for split, count in (("train", 8), ("val", 4)):
-        for cls in ("ants", "bees"):
-            (root / split / cls).mkdir(parents=True)
-            for path in sorted((data_dir / split / cls).glob("*.jpg"))[:count]:
-                shutil.copy(path, root / split / cls / path.name)
-    return root
+    return subset_imagefolder(data_dir, tmp_path_factory.mktemp("tiny"),
+                              {"train": {"ants": 8, "bees": 8}, "val": {"ants": 4, "bees": 4}})
 
 
 def small_config(data: Path, **overrides) -> TrainConfig:

@@ -16,7 +16,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 import training.trainer as trainer
-from conftest import last_json_line, run_cli
+from conftest import last_json_line, run_cli, subset_imagefolder
 from models.registry import torch_hub_checkpoint_path
 from training.config import TrainConfig
 from training.trainer import (balanced_class_weights, checkpoint_paths, early_stopping_state,
@@ -28,13 +28,8 @@ HEAD = {"net.classifier.3.weight", "net.classifier.3.bias"}
 @pytest.fixture(scope="module")
 def uneven_data(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real photos with imbalanced classes: train 8 ants + 4 bees, val 4 + 4."""
-    root = tmp_path_factory.mktemp("uneven")
-    for split, counts in (("train", {"ants": 8, "bees": 4}), ("val", {"ants": 4, "bees": 4})):
-        for cls, count in counts.items():
-            (root / split / cls).mkdir(parents=True)
-            for path in sorted((data_dir / split / cls).glob("*.jpg"))[:count]:
-                shutil.copy(path, root / split / cls / path.name)
-    return root
+    return subset_imagefolder(data_dir, tmp_path_factory.mktemp("uneven"),
+                              {"train": {"ants": 8, "bees": 4}, "val": {"ants": 4, "bees": 4}})
 
 
 def config_for(data: Path, **overrides) -> TrainConfig:
