@@ -14,10 +14,10 @@ appears in exactly one row, whatever crashed and when. Readers take the folder a
 (``pyarrow.dataset.dataset(OUT)``; files starting with ``_`` are skipped by pyarrow).
 
 Rows: ``path`` (str), ``embedding`` (``fixed_size_list<float32>[D]``, or ``<float16>`` when
-asked, to halve the storage; L2-normalised unless asked otherwise; null when the image failed), ``error_code`` / ``error`` (str, null when it
-worked; the same codes as the HTTP API, plus ``unreadable`` for files that cannot be read and
-``decode_failed`` for an unexpected decoder exception),
-``model_name`` (str), ``model_version`` (int32).
+asked, to halve the storage; L2-normalised unless asked otherwise; null when the image failed),
+``error_code`` / ``error`` (str, null when it worked; the same codes as the HTTP API, plus
+``unreadable`` for files that cannot be read and ``decode_failed`` for an unexpected decoder
+exception), ``model_name`` (str), ``model_version`` (int32).
 
 Torch-free: onnxruntime, numpy, pillow, pyarrow.
 """
@@ -29,6 +29,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -90,6 +91,11 @@ class EmbedJobSpec(BaseModel):
         start = index * self.shard_size
         return start, min(start + self.shard_size, self.num_inputs)
 
+    def shard_rows(self, index: int) -> int:
+        """Rows of part ``index`` (the last part may be short)."""
+        start, stop = self.shard_bounds(index)
+        return stop - start
+
 
 @dataclass(frozen=True)
 class DecodeLimits:
@@ -131,8 +137,8 @@ def make_spec(model: PublishedModel, inputs: Sequence[str], *, layer: Layer, nor
     card = model.card
     return EmbedJobSpec(model_name=card.name, model_version=card.version,
                         onnx_sha256=card.onnx_sha256, layer=layer, normalize=normalize,
-                        dtype=dtype, dim=card.dim(layer), shard_size=shard_size, num_inputs=len(inputs),
-                        inputs_sha256=inputs_digest(inputs))
+                        dtype=dtype, dim=card.dim(layer), shard_size=shard_size,
+                        num_inputs=len(inputs), inputs_sha256=inputs_digest(inputs))
 
 
 def prepare(out_dir: str | Path, spec: EmbedJobSpec, inputs: Sequence[str]) -> list[int]:
@@ -156,9 +162,11 @@ def prepare(out_dir: str | Path, spec: EmbedJobSpec, inputs: Sequence[str]) -> l
             raise JobMismatchError(f"{out} holds another job ({'; '.join(differ)}); "
                                    "use a new output folder or the same arguments")
     else:
-        _write_atomic(out / INPUTS_FILE, "".join(f"{p}\n" for p in inputs).encode("utf-8"))
-        _write_atomic(job_file, spec.model_dump_json(indent=2).encode("utf-8"))
-    for stale in out.glob(".part-*.tmp"):  # a part being written when a run was killed
+        with _atomic_file(out / INPUTS_FILE) as handle:
+            handle.write("".join(f"{p}\n" for p in inputs).encode("utf-8"))
+        with _atomic_file(job_file) as handle:
+            handle.write(spec.model_dump_json(indent=2).encode("utf-8"))
+    for stale in out.glob(".*.tmp"):  # a file being written when a run was killed
         stale.unlink(missing_ok=True)
     return [i for i in range(spec.num_shards) if not _part_complete(out, spec, i)]
 
@@ -174,22 +182,24 @@ def _part_complete(out: Path, spec: EmbedJobSpec, index: int) -> bool:
     part = out / PART_PATTERN.format(index)
     if not part.is_file():
         return False
-    start, stop = spec.shard_bounds(index)
     try:
         rows = pq.read_metadata(part).num_rows
     except (OSError, ValueError) as exc:
         logger.warning("rewriting unreadable part %s: %s", part, exc)
         return False
-    if rows != stop - start:
-        logger.warning("rewriting %s: %d rows, expected %d", part, rows, stop - start)
+    if rows != spec.shard_rows(index):
+        logger.warning("rewriting %s: %d rows, expected %d", part, rows, spec.shard_rows(index))
         return False
     return True
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+@contextmanager
+def _atomic_file(path: Path) -> Iterator:
+    """A binary handle on ``.NAME.tmp`` beside ``path``; synced and renamed to ``path`` on a
+    clean exit, so readers see the whole file or none of it."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as handle:
-        handle.write(data)
+        yield handle
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -306,11 +316,11 @@ class ShardEmbedder:
         paths = list(inputs[start:stop])
         values, errors = self.embed(paths, progress)
         failed = np.array([e is not None for e in errors], dtype=bool)
-        value_type = pa.float16() if self.spec.dtype == "float16" else pa.float32()
-        embedding = pa.FixedSizeListArray.from_arrays(
-            pa.array(values.reshape(-1).astype(self.spec.dtype), type=value_type),
-            self.spec.dim, mask=pa.array(failed))
         schema = _schema(self.spec)
+        embedding = pa.FixedSizeListArray.from_arrays(
+            pa.array(values.reshape(-1).astype(self.spec.dtype),
+                     type=schema.field("embedding").type.value_type),
+            self.spec.dim, mask=pa.array(failed))
         table = pa.table({
             "path": pa.array(paths, type=pa.string()),
             "embedding": embedding,
@@ -319,13 +329,8 @@ class ShardEmbedder:
             "model_name": pa.array([self.spec.model_name] * len(paths), type=pa.string()),
             "model_version": pa.array([self.spec.model_version] * len(paths), type=pa.int32()),
         }, schema=schema)
-        part = Path(out_dir) / PART_PATTERN.format(index)
-        tmp = part.with_name(f".{part.stem}.tmp")
-        with open(tmp, "wb") as handle:
+        with _atomic_file(Path(out_dir) / PART_PATTERN.format(index)) as handle:
             pq.write_table(table, handle, compression="zstd")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, part)
         return ShardResult(index=index, rows=len(paths), errors=int(failed.sum()))
 
 

@@ -11,8 +11,8 @@ from typing import Literal, Sequence
 
 from pydantic import BaseModel
 
-from batch.job import (DecodeLimits, DType, EmbedJobSpec, Layer, ShardEmbedder, make_spec,
-                       prepare, read_inputs)
+from batch.job import (INPUTS_FILE, DecodeLimits, DType, EmbedJobSpec, Layer, ShardEmbedder,
+                       make_spec, prepare, read_inputs)
 from batch.sources import list_inputs
 from models.repository import PublishedModel
 from service.runtime import SessionConfig
@@ -92,7 +92,7 @@ def run_job(sources: Sequence[str | Path], out_dir: str | Path, model: Published
     started = time.perf_counter()
     inputs = list_inputs(sources)
     out = Path(out_dir)
-    if (out / "_inputs.txt").is_file():
+    if (out / INPUTS_FILE).is_file():
         stored = read_inputs(out)
         if stored != inputs:
             logger.warning("the sources now list %d files, the job in %s has %d; finishing "
@@ -102,7 +102,7 @@ def run_job(sources: Sequence[str | Path], out_dir: str | Path, model: Published
     spec = make_spec(model, inputs, layer=layer, normalize=normalize, shard_size=shard_size,
                      dtype=dtype)
     pending = prepare(out, spec, inputs)
-    done_images = spec.num_inputs - sum(_rows(spec, i) for i in pending)
+    done_images = spec.num_inputs - sum(spec.shard_rows(i) for i in pending)
     logger.info("job %s: %d inputs in %d parts, %d to write, model %s:%d", out,
                 spec.num_inputs, spec.num_shards, len(pending), spec.model_name,
                 spec.model_version)
@@ -129,11 +129,6 @@ def run_job(sources: Sequence[str | Path], out_dir: str | Path, model: Published
                      parts_written=len(results), parts_skipped=spec.num_shards - len(pending),
                      images=images, errors=sum(r.errors for r in results),
                      seconds=round(seconds, 3), images_per_s=round(images / seconds, 2))
-
-
-def _rows(spec: EmbedJobSpec, index: int) -> int:
-    start, stop = spec.shard_bounds(index)
-    return stop - start
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
