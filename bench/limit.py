@@ -7,6 +7,7 @@ photos with the served model and the service's own session options, and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import statistics
@@ -35,11 +36,12 @@ def preprocess_all(photos: Sequence[Photo], spec: PreprocessSpec) -> np.ndarray:
 
 def onnx_throughput(onnx_path: Path, repository: Path, name: str, version: int,
                     arrays: np.ndarray, batch_sizes: Sequence[int], seconds: float,
-                    *, allow_spinning: bool = True) -> list[dict[str, Any]]:
+                    *, allow_spinning: bool | None = None) -> list[dict[str, Any]]:
     """Images/s of the served model in onnxruntime, one figure per batch size.
 
-    The session is made exactly as the service makes it (:meth:`OnnxEncoder.create` with
-    default settings: all cores for intra-op threads, full graph optimisation).
+    The session is made exactly as the service makes it (:meth:`OnnxEncoder.create` with the
+    service's settings: by default all cores for intra-op threads, full graph optimisation,
+    no spinning).
 
     Args:
         onnx_path: unused beyond logging; the card is resolved from the repository.
@@ -47,31 +49,22 @@ def onnx_throughput(onnx_path: Path, repository: Path, name: str, version: int,
         arrays: preprocessed photos, cycled to fill each batch.
         batch_sizes: e.g. ``(1, 8, 32, 64)``.
         seconds: measuring time per batch size (after two warm-up runs).
-        allow_spinning: onnxruntime's intra-op threads busy-wait between operators (its
-            default, and the service's). False measures the same session with
-            ``session.intra_op.allow_spinning = 0`` (context: the headroom a shared-core
-            deployment would gain).
+        allow_spinning: onnxruntime's intra-op threads busy-wait between operators; None = the
+            service's setting (``CNN_CODES_ORT_ALLOW_SPINNING``, off by default). The other
+            value measures the same session otherwise unchanged (context).
 
     Returns:
-        ``[{"batch": b, "images_per_s", "ms_per_batch_p50", "runs"}]``.
+        ``[{"batch": b, "images_per_s", "ms_per_batch_p50", "runs", "allow_spinning"}]``.
     """
     from cnn_codes.settings import Settings
     from models.repository import resolve
     from service.runtime import OnnxEncoder, SessionConfig
 
-    settings = Settings()
+    config = SessionConfig.from_settings(Settings())
+    if allow_spinning is not None:
+        config = dataclasses.replace(config, allow_spinning=allow_spinning)
     published = resolve(repository, name, version)
-    encoder = OnnxEncoder.create(str(published.onnx_path), published.card,
-                                 SessionConfig.from_settings(settings))
-    if not allow_spinning:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = settings.intra_op_threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        encoder.session = ort.InferenceSession(str(published.onnx_path), sess_options=options,
-                                               providers=encoder.session.get_providers())
+    encoder = OnnxEncoder.create(str(published.onnx_path), published.card, config)
     logger.info("onnxruntime limit on %s (%s)", onnx_path, encoder.provider)
     rows = []
     for batch in batch_sizes:
@@ -88,7 +81,7 @@ def onnx_throughput(onnx_path: Path, repository: Path, name: str, version: int,
         elapsed = sum(times)
         rows.append({"batch": batch, "images_per_s": round(batch * len(times) / elapsed, 1),
                      "ms_per_batch_p50": round(statistics.median(times) * 1000, 2),
-                     "runs": len(times), "allow_spinning": allow_spinning})
+                     "runs": len(times), "allow_spinning": config.allow_spinning})
         logger.info("onnxruntime batch %d: %.1f images/s", batch, rows[-1]["images_per_s"])
     return rows
 
