@@ -97,6 +97,17 @@ def published(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> di
             "path": Path(result["path"])}
 
 
+def metric(url: str, name: str, /, **labels: str) -> float:
+    """Sum of the samples of ``name`` on ``url/metrics`` whose labels include ``labels``
+    (positional-only parameters, so ``name=`` and ``url=`` can be label filters)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
 def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 120) -> None:
     """Poll ``url/readyz`` until 200; fail with the log's tail on timeout or if ``proc`` exits."""
     deadline = time.monotonic() + timeout

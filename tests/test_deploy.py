@@ -23,9 +23,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO_ROOT, Server, free_port
+from conftest import REPO_ROOT, Server, free_port, metric
 
 DEPLOY = REPO_ROOT / "deploy"
 TEMPLATE = DEPLOY / "nginx" / "cnn-codes.conf.template"
@@ -50,13 +49,6 @@ def render(template: str, values: dict[str, str]) -> str:
     missing = names - values.keys()
     assert not missing, f"template variables without a value: {missing}"
     return re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], template)
-
-
-def images_counted(url: str, **labels: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=TIMEOUT).text
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == "cnn_codes_images_total"
-               and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def wait_until(check, what: str, timeout: float = 60.0):
@@ -174,7 +166,8 @@ def query(prometheus: str, expr: str) -> list[dict]:
 def test_nginx_spreads_http_and_grpc_over_replicas(topology, published, data_dir):
     replicas, lb = topology["replicas"], topology["lb"]
     photo = sorted((data_dir / "val" / "bees").glob("*.jpg"))[0].read_bytes()
-    before = [images_counted(r.url, protocol="http", outcome="ok") for r in replicas]
+    before = [metric(r.url, "cnn_codes_images_total", protocol="http", outcome="ok")
+              for r in replicas]
     vectors = []
     with httpx.Client(base_url=lb, timeout=TIMEOUT) as client:
         for _ in range(12):
@@ -184,12 +177,13 @@ def test_nginx_spreads_http_and_grpc_over_replicas(topology, published, data_dir
         # a 4xx from a replica reaches the client unchanged, as JSON
         bad = client.post("/embed", files=[("images", ("x.jpg", b"", "image/jpeg"))])
         assert bad.status_code == 200 and bad.json()["results"][0]["error"]["code"] == "empty"
-    gained = [images_counted(r.url, protocol="http", outcome="ok") - b
+    gained = [metric(r.url, "cnn_codes_images_total", protocol="http", outcome="ok") - b
               for r, b in zip(replicas, before)]
     assert sum(gained) == 12 and min(gained) >= 1, gained  # both replicas served
     np.testing.assert_allclose(np.array(vectors), np.array(vectors[:1] * 12), atol=1e-5)
 
-    before = [images_counted(r.url, protocol="grpc", outcome="ok") for r in replicas]
+    before = [metric(r.url, "cnn_codes_images_total", protocol="grpc", outcome="ok")
+              for r in replicas]
     with triton_grpc.InferenceServerClient(topology["lb_grpc"]) as client:
         assert client.is_server_ready()
         for _ in range(8):
@@ -199,7 +193,7 @@ def test_nginx_spreads_http_and_grpc_over_replicas(topology, published, data_dir
             np.testing.assert_allclose(result.as_numpy("embedding")[0]
                                        / np.linalg.norm(result.as_numpy("embedding")[0]),
                                        vectors[0], atol=1e-5)
-    gained = [images_counted(r.url, protocol="grpc", outcome="ok") - b
+    gained = [metric(r.url, "cnn_codes_images_total", protocol="grpc", outcome="ok") - b
               for r, b in zip(replicas, before)]
     assert sum(gained) == 8 and min(gained) >= 1, gained
 
@@ -211,7 +205,7 @@ def test_prometheus_scrapes_every_replica_and_the_dashboard_queries_run(topology
     wait_until(lambda: {s["metric"]["instance"] for s in query(prom, f'up{{job="{job}"}} == 1')}
                == targets, "both replicas up in Prometheus")
     # Prometheus' total equals what the replicas report themselves
-    direct = sum(images_counted(r.url) for r in replicas)
+    direct = sum(metric(r.url, "cnn_codes_images_total") for r in replicas)
     assert direct > 0
 
     def scraped_total() -> bool:

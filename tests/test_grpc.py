@@ -38,12 +38,11 @@ import tritonclient.http as triton_http
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from google.protobuf import descriptor_pb2
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from cnn_codes.settings import Settings
-from conftest import REPO_ROOT, Server, base_env, free_port
+from conftest import REPO_ROOT, Server, base_env, free_port, metric
 from models.card import OUTPUT_NAMES, ModelCard
 from models.preprocessing import preprocess_file
 
@@ -175,13 +174,6 @@ def parse_classes(row) -> list[tuple[float, int, str | None]]:
         value, index, *label = text.split(":", 2)
         out.append((float(value), int(index), label[0] if label else None))
     return out
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=TIMEOUT).text
-    return sum(s.value for family in text_string_to_metric_families(text)
-               for s in family.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def raw_request(name: str, datatype: str, shape: list[int], raw: bytes,

@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import metric
 from models.card import ModelCard
 from models.preprocessing import preprocess_file
 
@@ -36,17 +36,6 @@ def multipart(paths: list[Path], extra: list[tuple[str, bytes]] = ()) -> list:
     parts = [("images", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
     parts += [("images", (name, data, "application/octet-stream")) for name, data in extra]
     return parts
-
-
-def metric_value(url: str, metric: str, **labels: str) -> float:
-    """Sum of the samples of ``metric`` whose labels include ``labels``."""
-    text = httpx.get(f"{url}/metrics", timeout=TIMEOUT).text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == metric and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def onnx_reference(published: dict, paths: list[Path]) -> tuple[ModelCard, dict[str, np.ndarray]]:
@@ -78,7 +67,7 @@ def test_metadata_matches_card(server, published):
 def test_embed_equals_onnxruntime_on_real_images(server, published, data_dir, layer):
     paths = val_images(data_dir)
     card, reference = onnx_reference(published, paths)
-    before = metric_value(server.url, "cnn_codes_images_total", endpoint="embed", outcome="ok")
+    before = metric(server.url, "cnn_codes_images_total", endpoint="embed", outcome="ok")
     response = httpx.post(f"{server.url}/embed", files=multipart(paths),
                           data={"layer": layer, "normalize": "true"}, timeout=TIMEOUT)
     assert response.status_code == 200, response.text
@@ -93,7 +82,7 @@ def test_embed_equals_onnxruntime_on_real_images(server, published, data_dir, la
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     cosine = (got * l2(reference[layer].astype(np.float64))).sum(axis=1)
     assert cosine.min() > 0.9999, cosine
-    after = metric_value(server.url, "cnn_codes_images_total", endpoint="embed", outcome="ok")
+    after = metric(server.url, "cnn_codes_images_total", endpoint="embed", outcome="ok")
     assert after - before == len(paths)
 
 
@@ -130,7 +119,7 @@ def test_bad_image_fails_alone(server, data_dir):
     good = val_images(data_dir, per_class=1)
     extra = [("notes.txt", b"this is not an image"), ("empty.jpg", b""),
              ("cut.jpg", good[0].read_bytes()[:2000])]
-    before_err = metric_value(server.url, "cnn_codes_decode_errors_total")
+    before_err = metric(server.url, "cnn_codes_decode_errors_total")
     response = httpx.post(f"{server.url}/classify", files=multipart(good, extra),
                           timeout=TIMEOUT)
     assert response.status_code == 200, response.text
@@ -139,7 +128,7 @@ def test_bad_image_fails_alone(server, data_dir):
     codes = [r["error"]["code"] for r in results[len(good):]]
     assert codes == ["not_an_image", "empty", "truncated"]
     assert all(r["predictions"] is None for r in results[len(good):])
-    assert metric_value(server.url, "cnn_codes_decode_errors_total") - before_err == 3
+    assert metric(server.url, "cnn_codes_decode_errors_total") - before_err == 3
     # the worker is still healthy and serves normally
     again = httpx.post(f"{server.url}/embed", files=multipart(good), timeout=TIMEOUT)
     assert again.status_code == 200 and all(r["embedding"] for r in again.json()["results"])
@@ -164,8 +153,8 @@ def test_malformed_requests_get_4xx_json(server, data_dir):
 
 def test_concurrent_requests_are_batched(server, data_dir):
     paths = val_images(data_dir, per_class=8)[:16]
-    before_n = metric_value(server.url, "cnn_codes_batch_size_count")
-    before_sum = metric_value(server.url, "cnn_codes_batch_size_sum")
+    before_n = metric(server.url, "cnn_codes_batch_size_count")
+    before_sum = metric(server.url, "cnn_codes_batch_size_sum")
 
     def one(path: Path) -> int:
         return httpx.post(f"{server.url}/embed", files=multipart([path]),
@@ -174,12 +163,12 @@ def test_concurrent_requests_are_batched(server, data_dir):
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         statuses = list(pool.map(one, paths * 4))
     assert statuses == [200] * len(statuses)
-    batches = metric_value(server.url, "cnn_codes_batch_size_count") - before_n
-    images = metric_value(server.url, "cnn_codes_batch_size_sum") - before_sum
+    batches = metric(server.url, "cnn_codes_batch_size_count") - before_n
+    images = metric(server.url, "cnn_codes_batch_size_sum") - before_sum
     assert images == len(statuses)
     assert batches < images, "adaptive batching never put two requests in one batch"
 
 
 def test_model_info_metric(server, published):
-    assert metric_value(server.url, "cnn_codes_model_info", name=published["name"],
+    assert metric(server.url, "cnn_codes_model_info", name=published["name"],
                         version=str(published["version"]), provider="CPUExecutionProvider") == 1
