@@ -15,9 +15,9 @@ appears in exactly one row, whatever crashed and when. Readers take the folder a
 
 Rows: ``path`` (str), ``embedding`` (``fixed_size_list<float32>[D]``, or ``<float16>`` when
 asked, to halve the storage; L2-normalised unless asked otherwise; null when the image failed),
-``error_code`` / ``error`` (str, null when it worked; the same codes as the HTTP API, plus
-``unreadable`` for files that cannot be read and ``decode_failed`` for an unexpected decoder
-exception), ``model_name`` (str), ``model_version`` (int32).
+``error_code`` / ``error`` (str, null when it worked; the codes of :mod:`models.errors`, the
+same as the HTTP API's, with ``unreadable``, ``not_a_file`` and ``too_large`` for files that
+cannot or must not be read), ``model_name`` (str), ``model_version`` (int32).
 
 Torch-free: onnxruntime, numpy, pillow, pyarrow.
 """
@@ -37,9 +37,11 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from models.preprocessing import SERVING_FORMATS, ImageDecodeError, preprocess_bytes
+from models.decode import DecodeLimits, decode_file
+from models.errors import ImageError
+from models.postprocess import l2_normalize
 from models.repository import PublishedModel
-from service.runtime import OnnxEncoder, SessionConfig, split_outputs
+from models.runtime import OnnxEncoder, SessionConfig, split_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -95,19 +97,6 @@ class EmbedJobSpec(BaseModel):
         """Rows of part ``index`` (the last part may be short)."""
         start, stop = self.shard_bounds(index)
         return stop - start
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Per-image limits, the same as the HTTP API's (see :class:`cnn_codes.settings.Settings`).
-
-    Attributes:
-        max_pixels: width*height above which an image is ``too_many_pixels``.
-        min_side: shortest accepted side, pixels (``too_small`` below).
-    """
-
-    max_pixels: int = 40_000_000
-    min_side: int = 1
 
 
 @dataclass
@@ -225,7 +214,7 @@ class ShardEmbedder:
     spec: EmbedJobSpec
     batch_size: int = 32
     decode_workers: int = 2
-    limits: DecodeLimits = DecodeLimits()
+    limits: DecodeLimits = field(default_factory=DecodeLimits.default)
     session_config: SessionConfig = SessionConfig()
     _encoder: OnnxEncoder | None = field(default=None, init=False, repr=False)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
@@ -242,24 +231,14 @@ class ShardEmbedder:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _decode(self, path: str) -> np.ndarray | tuple[str, str]:
-        spec = self.model.card.preprocessing
+    def _decode(self, path: str) -> np.ndarray | ImageError:
         try:
-            with open(path, "rb") as handle:
-                data = handle.read()
-        except OSError as exc:
-            return "unreadable", f"cannot read {path}: {exc.strerror or exc}"
-        try:
-            return preprocess_bytes(data, spec, max_pixels=self.limits.max_pixels,
-                                    min_side=self.limits.min_side, formats=SERVING_FORMATS)
-        except ImageDecodeError as exc:
-            return exc.code, exc.message
-        except Exception as exc:  # noqa: BLE001 - one odd file must not fail the job
-            logger.warning("unexpected error decoding %s", path, exc_info=True)
-            return "decode_failed", f"{type(exc).__name__}: {exc}"
+            return decode_file(path, self.model.card.preprocessing, self.limits)
+        except ImageError as exc:
+            return exc
 
     def _decoded_batches(self, paths: Sequence[str]
-                         ) -> Iterator[list[np.ndarray | tuple[str, str]]]:
+                         ) -> Iterator[list[np.ndarray | ImageError]]:
         assert self._pool is not None
         batches = [paths[i:i + self.batch_size] for i in range(0, len(paths), self.batch_size)]
         pending: list[list[Future]] = []
@@ -279,15 +258,14 @@ class ShardEmbedder:
             ``(N, D)`` float32 (rows of failed images are zeros) and, per path, ``None`` or
             ``(error_code, message)``.
         """
-        from service.pipeline import l2_normalize
-
         assert self._encoder is not None
         out = np.zeros((len(paths), self.spec.dim), dtype=np.float32)
         errors: list[tuple[str, str] | None] = []
         row = 0
         for decoded in self._decoded_batches(paths):
             good = [i for i, item in enumerate(decoded) if isinstance(item, np.ndarray)]
-            errors.extend(None if isinstance(item, np.ndarray) else item for item in decoded)
+            errors.extend(None if isinstance(item, np.ndarray) else (item.code, item.message)
+                          for item in decoded)
             if good:
                 packed = self._encoder.run(np.stack([decoded[i] for i in good]))
                 values = split_outputs(packed, self.model.card)[self.spec.layer]

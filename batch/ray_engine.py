@@ -12,16 +12,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from batch.job import DecodeLimits, EmbedJobSpec, ShardEmbedder, ShardResult, read_inputs
+from batch.job import EmbedJobSpec, ShardEmbedder, ShardResult, read_inputs
+from batch.options import JobOptions
+from models.decode import DecodeLimits
 from models.repository import PublishedModel, verify
-from service.runtime import SessionConfig
-
-if TYPE_CHECKING:
-    from batch.runner import JobOptions
+from models.runtime import SessionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class PartWriter:
 
 
 def run_parts_on_ray(out_dir: Path, model: PublishedModel, spec: EmbedJobSpec,
-                     parts: Sequence[int], options: "JobOptions",
+                     parts: Sequence[int], options: JobOptions,
                      progress: Callable[[int], object]) -> list[ShardResult]:
     """Write ``parts`` of the job with Ray actors; returns one result per part written.
 

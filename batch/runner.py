@@ -11,42 +11,13 @@ from typing import Literal, Sequence
 
 from pydantic import BaseModel
 
-from batch.job import (INPUTS_FILE, DecodeLimits, DType, EmbedJobSpec, Layer, ShardEmbedder,
-                       make_spec, prepare, read_inputs)
+from batch.job import (INPUTS_FILE, DType, EmbedJobSpec, Layer, ShardEmbedder, make_spec,
+                       prepare, read_inputs)
+from batch.options import Engine, JobOptions  # noqa: F401 - JobOptions is part of this API
 from batch.sources import list_inputs
 from models.repository import PublishedModel
-from service.runtime import SessionConfig
 
 logger = logging.getLogger(__name__)
-Engine = Literal["local", "ray"]
-
-
-@dataclass(frozen=True)
-class JobOptions:
-    """How a job runs (not what it computes, which is :class:`batch.job.EmbedJobSpec`).
-
-    Attributes:
-        batch_size: images per onnxruntime run.
-        decode_workers: decoding threads per process (Ray: per actor).
-        limits: per-image limits (the HTTP API's).
-        session_config: onnxruntime providers and threads.
-        engine: ``local`` (this process) or ``ray`` (Ray Data ``map_batches`` over parts,
-            one onnxruntime session per actor).
-        ray_address: Ray cluster to join (``auto``, ``ray://host:10001``); None starts a local
-            Ray instance. On a cluster the model repository and the output folder must be on
-            storage every node sees.
-        ray_actors: Ray actors (model replicas).
-        progress: draw a progress bar (tqdm) on stderr.
-    """
-
-    batch_size: int = 32
-    decode_workers: int = max(1, os.cpu_count() or 1)
-    limits: DecodeLimits = DecodeLimits()
-    session_config: SessionConfig = SessionConfig()
-    engine: Engine = "local"
-    ray_address: str | None = None
-    ray_actors: int = 1
-    progress: bool = True
 
 
 class JobReport(BaseModel):
@@ -87,7 +58,7 @@ def run_job(sources: Sequence[str | Path], out_dir: str | Path, model: Published
     Raises:
         batch.sources.SourceError: a source names nothing.
         batch.job.JobMismatchError: ``out_dir`` holds a different job.
-        service.runtime.ProviderUnavailableError: requested execution provider missing.
+        models.runtime.ProviderUnavailableError: requested execution provider missing.
     """
     started = time.perf_counter()
     inputs = list_inputs(sources)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 #: File name extensions a directory source picks up (case-insensitive): the formats the
-#: service accepts (``models.preprocessing.SERVING_FORMATS``).
+#: service accepts (``models.decode.SERVING_FORMATS``).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp",
                               ".dib", ".tif", ".tiff", ".mpo"})
 #: Manifest files: one path per line (``.txt``, ``.lst``) or a table with a ``path`` column.

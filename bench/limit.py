@@ -2,7 +2,8 @@
 
 Both stages are measured on the real photos: onnxruntime on batches of already preprocessed
 photos with the served model and the service's own session options, and
-``models.preprocessing.preprocess_bytes`` (the service's decode path) on the encoded files.
+``models.decode.decode_image`` (the one decode every path uses, with the service's limits) on
+the encoded files.
 """
 
 from __future__ import annotations
@@ -18,20 +19,20 @@ from typing import Any, Sequence
 import numpy as np
 
 from bench.photos import Photo
-from models.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_bytes
+from models.decode import DecodeLimits, decode_batch, decode_image
+from models.errors import ImageError
+from models.preprocessing import PreprocessSpec
 
 logger = logging.getLogger(__name__)
 
 
 def preprocess_all(photos: Sequence[Photo], spec: PreprocessSpec) -> np.ndarray:
-    """``(M, S, S, 3)`` uint8: every decodable photo through the service's decode path."""
-    arrays = []
-    for photo in photos:
-        try:
-            arrays.append(preprocess_bytes(photo.data, spec))
-        except ImageDecodeError as exc:  # none expected in the sample data; logged if so
-            logger.warning("skipping %s: %s", photo.name, exc)
-    return np.stack(arrays)
+    """``(M, S, S, 3)`` uint8: every decodable photo through the service's decode path
+    (:func:`models.decode.decode_batch` with the service's limits)."""
+    decoded = decode_batch([p.data for p in photos], spec, DecodeLimits.default())
+    for index, error in sorted(decoded.errors.items()):  # none expected in the sample data
+        logger.warning("skipping %s: %s", photos[index].name, error)
+    return decoded.arrays
 
 
 def onnx_throughput(onnx_path: Path, repository: Path, name: str, version: int,
@@ -58,7 +59,7 @@ def onnx_throughput(onnx_path: Path, repository: Path, name: str, version: int,
     """
     from cnn_codes.settings import Settings
     from models.repository import resolve
-    from service.runtime import OnnxEncoder, SessionConfig
+    from models.runtime import OnnxEncoder, SessionConfig
 
     config = SessionConfig.from_settings(Settings())
     if allow_spinning is not None:
@@ -86,15 +87,15 @@ def onnx_throughput(onnx_path: Path, repository: Path, name: str, version: int,
     return rows
 
 
-def _decode_loop(payloads: Sequence[bytes], spec: PreprocessSpec, seconds: float
-                 ) -> tuple[int, float]:
+def _decode_loop(payloads: Sequence[bytes], spec: PreprocessSpec, limits: DecodeLimits,
+                 seconds: float) -> tuple[int, float]:
     """Decode ``payloads`` round-robin for ``seconds``; returns (images, busy seconds)."""
     count, started = 0, time.perf_counter()
     while True:
         for data in payloads:
             try:
-                preprocess_bytes(data, spec)
-            except ImageDecodeError:
+                decode_image(data, spec, limits)
+            except ImageError:  # a refused image costs what the service spends on it
                 pass
             count += 1
             elapsed = time.perf_counter() - started
@@ -102,9 +103,9 @@ def _decode_loop(payloads: Sequence[bytes], spec: PreprocessSpec, seconds: float
                 return count, elapsed
 
 
-def _decode_worker(args: tuple[list[bytes], dict, float]) -> tuple[int, float]:
-    payloads, spec_json, seconds = args
-    return _decode_loop(payloads, PreprocessSpec.model_validate(spec_json), seconds)
+def _decode_worker(args: tuple[list[bytes], dict, DecodeLimits, float]) -> tuple[int, float]:
+    payloads, spec_json, limits, seconds = args
+    return _decode_loop(payloads, PreprocessSpec.model_validate(spec_json), limits, seconds)
 
 
 def decode_throughput(photos: Sequence[Photo], spec: PreprocessSpec, seconds: float,
@@ -120,12 +121,13 @@ def decode_throughput(photos: Sequence[Photo], spec: PreprocessSpec, seconds: fl
         "ms_per_image_mean"}``.
     """
     payloads = [p.data for p in photos]
-    count, elapsed = _decode_loop(payloads, spec, seconds)
+    limits = DecodeLimits.default()
+    count, elapsed = _decode_loop(payloads, spec, limits, seconds)
     per_core = count / elapsed
     logger.info("decode + preprocess, 1 core: %.1f images/s", per_core)
     spec_json = spec.model_dump(mode="json")
     jobs = [(payloads[i * len(payloads) // processes:] + payloads[:i * len(payloads) // processes],
-             spec_json, seconds) for i in range(processes)]
+             spec_json, limits, seconds) for i in range(processes)]
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         results = pool.map(_decode_worker, jobs)
     all_cores = sum(c / e for c, e in results)

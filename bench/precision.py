@@ -2,7 +2,7 @@
 
 Run: ``make bench-precision`` or ``python -m bench.precision [--quick]``. Not a test.
 
-For each backbone, with nothing heavy trained:
+For each backbone, with nothing heavy trained (steps 1-2 in :mod:`bench.precision_model`):
 
 1. build it with random initialisation (ImageNet weights cannot be downloaded here) through the
    registry, 2 classes; recompute BatchNorm statistics on real training photos
@@ -15,9 +15,10 @@ For each backbone, with nothing heavy trained:
    and quantise it to int8 exactly as ``cnn-codes export --precision int8`` does
    (``export.quantize.quantize_int8``, calibrated on those training photos);
 4. compare int8 with fp32 on the real val photos (``export.quantize.compare_variant``);
-5. time both onnxruntime CPU sessions (same thread settings) at each batch size on real
-   preprocessed photos, interleaving fp32 and int8 rounds so that a change of the machine's
-   load hits both; report the median images/s and the median of the per-round ratios.
+5. time both onnxruntime CPU sessions (``models.runtime.open_session``, same thread settings)
+   at each batch size on real preprocessed photos, interleaving fp32 and int8 rounds so that a
+   change of the machine's load hits both; report the median images/s and the median of the
+   per-round ratios.
 
 Prints a table and writes ``bench/results/precision.json``.
 """
@@ -38,6 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.machine import machine_info
+from bench.precision_model import build_model, labelled_images
+from models.card import INPUT_NAME
+from models.runtime import SessionConfig, open_session
 
 logger = logging.getLogger("bench.precision")
 
@@ -45,75 +49,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "hymenoptera"
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "precision.json"
 TARGET_SPEEDUP, TARGET_COSINE, TARGET_AGREEMENT = 2.0, 0.99, 0.98
-
-
-def labelled_images(folder: Path, limit: int | None, seed: int = 0) -> tuple[list[Path], list[int]]:
-    """Image files of an ImageFolder split (seeded sample of at most ``limit``) and labels."""
-    from export.onnx_export import collect_images
-    from export.quantize import sample_paths
-
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    files = sample_paths(collect_images(folder), limit, seed=seed)
-    return files, [classes.index(f.relative_to(folder).parts[0]) for f in files]
-
-
-def fit_head(model, embeddings, labels, *, steps: int = 200, weight_decay: float = 1e-3) -> float:
-    """Fit the final Linear layer as an L2-regularised logistic regression; returns train acc."""
-    import torch
-    from torch import nn
-
-    layer = model.classifier_layer
-    x = embeddings.detach()
-    y = torch.as_tensor(labels)
-    scale = x.norm(dim=1).mean().clamp_min(1e-6)
-    head = nn.Linear(x.shape[1], layer.out_features)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = (nn.functional.cross_entropy(head(x / scale), y)
-                + weight_decay * head.weight.pow(2).sum())
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        layer.weight.copy_(head.weight / scale)
-        layer.bias.copy_(head.bias)
-        return float((head(x / scale).argmax(1) == y).float().mean())
-
-
-def build_model(name: str, train_images: np.ndarray, train_labels: list[int], spec):
-    """Random-init backbone, precise BatchNorm statistics, fitted head (see module doc)."""
-    import torch
-
-    from models.registry import build_backbone
-    from training.data import normalize_uint8
-    from training.precise_bn import recompute_bn_stats
-
-    torch.manual_seed(0)
-    model = build_backbone(name, num_classes=2)
-    batches = [normalize_uint8(torch.from_numpy(train_images[i:i + 16]), spec)
-               for i in range(0, len(train_images), 16)]
-    bn_batches = recompute_bn_stats(model, batches)
-    model.eval()
-    with torch.no_grad():
-        embeddings = torch.cat([model(b).embedding for b in batches])
-    train_acc = fit_head(model, embeddings, train_labels)
-    return model.eval(), {"bn_batches_recomputed": bn_batches, "head_train_acc": train_acc}
-
-
-def session(path: Path, threads: int):
-    """An onnxruntime CPU session with the service's settings (no spinning)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def time_cell(sessions: dict, images: np.ndarray, batch: int, *, rounds: int,
@@ -125,7 +60,7 @@ def time_cell(sessions: dict, images: np.ndarray, batch: int, *, rounds: int,
     and the median per-round ratio int8/fp32.
     """
     x = np.ascontiguousarray(images[:batch])
-    feed = {"images": x}
+    feed = {INPUT_NAME: x}
     names = list(sessions)
     for sess in sessions.values():
         sess.run(None, feed)  # warm-up (allocations, first-run kernel selection)
@@ -154,7 +89,7 @@ def bench_model(name: str, args, work: Path) -> dict:
     from export.onnx_export import export_onnx
     from export.quantize import (Int8Options, compare_variant, convert_fp16, load_images,
                                  quantize_int8)
-    from models.registry import get_backbone_info
+    from models.backbones.registry import get_backbone_info
 
     spec = get_backbone_info(name).preprocessing
     result: dict = {"model": name, "load_before": [round(x, 2) for x in os.getloadavg()]}
@@ -192,7 +127,9 @@ def bench_model(name: str, args, work: Path) -> dict:
         "seconds": {"build_and_export": round(t1 - t0, 1), "quantize": round(t2 - t1, 1),
                     "check": round(t3 - t2, 1)},
     })
-    sessions = {k: session(p, args.threads) for k, p in paths.items()}
+    # same thread settings for every variant; the rest as the service opens sessions
+    config = SessionConfig(intra_op_threads=args.threads, inter_op_threads=1)
+    sessions = {k: open_session(p, config) for k, p in paths.items()}
     result["cells"] = {}
     for batch in args.batches:
         if batch > len(val_images):

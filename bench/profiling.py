@@ -80,8 +80,9 @@ _PLUMBING_FUNCS = {"main (service.py)", "<module> (service.py)"}
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("onnxruntime Session.run", ("Session.run (",)),
     ("torch forward", ("_call_impl (module.py)", "forward (")),
-    ("decode + resize (Pillow)", ("preprocess_bytes (", "load_rgb (", "resize_center_crop (",
-                                  "ImageFile.load (", "Image.resize (")),
+    # models/decode.py and models/preprocessing.py: the one decode every path runs
+    ("decode + resize (Pillow)", ("decode_batch (", "decode_image (", "load_rgb (",
+                                  "resize_center_crop (", "ImageFile.load (", "Image.resize (")),
     ("multipart parsing", ("multipart", "parse_form", "form (", "_get_form (")),
     ("response building (JSON, pydantic, tolist)", ("model_dump", "dump_json", "render (",
                                                      "jsonable_encoder", "serialize_response",

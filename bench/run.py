@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import limit as limit_mod
-from bench import preproc, report, systems
+from bench import contenders, plot, preproc, report, systems
 from bench.machine import load_average, machine_info, usable_cores
 from bench.model import REPO_ROOT, ensure_model
 from bench.photos import describe, load_photos
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _grpc_status(result: dict[str, Any]) -> dict[str, Any]:
     """Whether gRPC was measured, and its best throughput when it was."""
-    files = systems.grpc_front_files()
+    files = contenders.grpc_front_files()
     if not files:
         return {"status": "not measured", "reason": "the service has no gRPC front "
                 "(no service/grpc* or service/kserve/grpc*)", "images_per_s": None}
@@ -144,9 +144,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["preprocessing"] = preproc.draft_mode_table(photos, spec,
                                                        seconds=0.5 if quick else 2.0)
 
-    builders = {"cnn_codes": systems.cnn_codes_system, "fastapi_torch": systems.fastapi_system,
-                "torchserve": systems.torchserve_system,
-                "torchserve_tuned": systems.torchserve_tuned_system}
+    builders = {"cnn_codes": contenders.cnn_codes_system,
+                "fastapi_torch": contenders.fastapi_system,
+                "torchserve": contenders.torchserve_system,
+                "torchserve_tuned": contenders.torchserve_tuned_system}
     shared: dict[str, Any] = {"service_env": dict(kv.split("=", 1) for kv in args.service_env)}
     result["service_env"] = shared["service_env"]
     result["systems"] = {}
@@ -184,7 +185,7 @@ def _write(result: dict[str, Any], out: Path) -> None:
         tmp.write_text(text)
         tmp.replace(out / name)
     tmp_png = out / "throughput.png.tmp"
-    report.plot(result, tmp_png)
+    plot.throughput_plot(result, tmp_png)
     tmp_png.replace(out / "throughput.png")
     logger.info("wrote %s/latest.json, latest.md, throughput.png", out)
 

@@ -58,6 +58,8 @@ class Settings(BaseSettings):
         request_timeout_s: per-request timeout, seconds (504 after it).
         max_request_bytes: request body limit, bytes (413 above it).
         min_image_side: images with a side shorter than this, pixels, are ``too_small``.
+        max_file_bytes: largest encoded image file, bytes, on every path (``too_large``
+            above it); batch jobs read no more than this of any file.
         api_keys: accepted API keys (``Authorization: Bearer <key>``); several allow
             rotation; empty = no authentication. Given as JSON:
             ``CNN_CODES_API_KEYS='["key1","key2"]'``.
@@ -112,6 +114,7 @@ class Settings(BaseSettings):
     request_timeout_s: int = Field(default=60, ge=1)
     max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     min_image_side: int = Field(default=8, ge=1)
+    max_file_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
     api_keys: list[SecretStr] = []
     open_paths: list[str] = ["/livez", "/readyz", "/healthz", "/metrics",
                              "/v2/health/live", "/v2/health/ready"]

@@ -5,37 +5,28 @@ Every figure is a bare :class:`matplotlib.figure.Figure` rendered by the Agg can
 
 * :func:`plot_curves`: loss / accuracy / dead units / learning rate per epoch, one or more runs.
 * :func:`plot_filters`: the first convolution's kernels as an image grid (RGB or grayscale).
-* :func:`plot_weight_histograms`: per-layer weight distributions across epochs.
+* :func:`plot_weight_histograms`: per-layer weight distributions across epochs (defined in
+  :mod:`diagnostics.histograms`, with :func:`select_weight_layers`).
 * :func:`plot_augmentations`: augmented samples of real training photos per preset.
 """
 
 from __future__ import annotations
 
-import logging
-import re
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 from matplotlib import colormaps
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from diagnostics.figures import DPI, save_figure
+from diagnostics.histograms import plot_weight_histograms, select_weight_layers
 
-DPI = 100
-
-
-def _save(fig: Figure, out: Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)
-    logger.info("wrote %s", out)
-    return out
+__all__ = ["DPI", "filter_tiles", "first_conv", "plot_augmentations", "plot_curves",
+           "plot_filters", "plot_weight_histograms", "select_weight_layers"]
 
 
 def plot_curves(runs: dict[str, Sequence[dict[str, Any]]], out: Path,
@@ -62,31 +53,44 @@ def plot_curves(runs: dict[str, Sequence[dict[str, Any]]], out: Path,
         raise ValueError("no metrics to plot")
     fig = Figure(figsize=(11, 7.5), layout="constrained")
     axes = fig.subplots(2, 2)
-    (ax_loss, ax_acc), (ax_dead, ax_lr) = axes
     colours = colormaps["tab10"]
     for i, (label, rows) in enumerate(runs.items()):
-        if not rows:
-            continue
-        colour = colours(i % 10)
-        epochs = [r["epoch"] for r in rows]
-        for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
-            ax.plot(epochs, [r[f"train_{key}"] for r in rows], "-", color=colour,
-                    label=f"{label} train")
-            ax.plot(epochs, [r[f"val_{key}"] for r in rows], "--", color=colour,
-                    label=f"{label} val")
-        if all("dead_units" in r for r in rows):
-            ax_dead.plot(epochs, [100 * r["dead_units"] for r in rows], "o-", color=colour,
-                         label=label, markersize=3)
-        if all("lr" in r for r in rows):
-            ax_lr.plot(epochs, [r["lr"] for r in rows], "-", color=colour, label=f"{label} head")
-        if all("backbone_lr" in r for r in rows):
-            ax_lr.plot(epochs, [r["backbone_lr"] for r in rows], ":", color=colour,
-                       label=f"{label} backbone")
-        thawed = [r["epoch"] for prev, r in zip(rows, rows[1:])
-                  if prev.get("backbone_frozen") and not r.get("backbone_frozen")]
-        for epoch in thawed:
-            for ax in axes.flat:
-                ax.axvline(epoch - 0.5, color=colour, linestyle=":", linewidth=1)
+        if rows:
+            _plot_run_curves(axes, label, rows, colours(i % 10))
+    _style_curve_axes(axes)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, out)
+
+
+def _plot_run_curves(axes: np.ndarray, label: str, rows: Sequence[dict[str, Any]],
+                     colour: Any) -> None:
+    """One run's lines on the 2x2 ``axes`` of :func:`plot_curves`."""
+    (ax_loss, ax_acc), (ax_dead, ax_lr) = axes
+    epochs = [r["epoch"] for r in rows]
+    for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in rows], "-", color=colour,
+                label=f"{label} train")
+        ax.plot(epochs, [r[f"val_{key}"] for r in rows], "--", color=colour,
+                label=f"{label} val")
+    if all("dead_units" in r for r in rows):
+        ax_dead.plot(epochs, [100 * r["dead_units"] for r in rows], "o-", color=colour,
+                     label=label, markersize=3)
+    if all("lr" in r for r in rows):
+        ax_lr.plot(epochs, [r["lr"] for r in rows], "-", color=colour, label=f"{label} head")
+    if all("backbone_lr" in r for r in rows):
+        ax_lr.plot(epochs, [r["backbone_lr"] for r in rows], ":", color=colour,
+                   label=f"{label} backbone")
+    thawed = [r["epoch"] for prev, r in zip(rows, rows[1:])
+              if prev.get("backbone_frozen") and not r.get("backbone_frozen")]
+    for epoch in thawed:
+        for ax in axes.flat:
+            ax.axvline(epoch - 0.5, color=colour, linestyle=":", linewidth=1)
+
+
+def _style_curve_axes(axes: np.ndarray) -> None:
+    """Titles, labels, grid and legends of the 2x2 ``axes`` of :func:`plot_curves`."""
+    (ax_loss, ax_acc), (ax_dead, ax_lr) = axes
     ax_loss.set(title="cross-entropy loss", xlabel="epoch", ylabel="nats")
     ax_acc.set(title="accuracy", xlabel="epoch", ylabel="top-1", ylim=(0, 1.02))
     ax_acc.axhline(0.5, color="grey", linewidth=0.5)
@@ -98,9 +102,6 @@ def plot_curves(runs: dict[str, Sequence[dict[str, Any]]], out: Path,
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.has_data():
             ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, out)
 
 
 def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
@@ -161,7 +162,7 @@ def plot_filters(model: nn.Module, out: Path, mode: Literal["rgb", "gray"] = "rg
     """The first convolution's kernels as a PNG grid (CS231n-style filter visualisation).
 
     Args:
-        model: any model with a Conv2d (a trained :class:`~models.registry.CNNCodeModel`).
+        model: any model with a Conv2d (a trained :class:`~models.backbones.registry.CNNCodeModel`).
         out: PNG path.
         mode: ``rgb`` (colour tile per filter) or ``gray`` (luminance per filter).
         title: figure title (default: layer name and weight shape).
@@ -184,103 +185,7 @@ def plot_filters(model: nn.Module, out: Path, mode: Literal["rgb", "gray"] = "rg
     ax.set_axis_off()
     ax.set_title(title or f"{name}: {tuple(conv.weight.shape)} ({mode}, min-max per filter)",
                  fontsize=9)
-    return _save(fig, out)
-
-
-def select_weight_layers(state: dict[str, torch.Tensor], pattern: str | None = None,
-                         max_layers: int = 12) -> list[str]:
-    """Conv/Linear weight keys (``*.weight`` with ndim >= 2) of a state dict.
-
-    Args:
-        state: a model state dict.
-        pattern: keep keys matching this regular expression (``re.search``).
-        max_layers: keep at most this many, evenly spaced from the first to the last.
-
-    Returns:
-        Keys in model order.
-
-    Raises:
-        ValueError: nothing matched.
-    """
-    keys = [k for k, v in state.items() if k.endswith(".weight") and v.ndim >= 2]
-    if pattern:
-        keys = [k for k in keys if re.search(pattern, k)]
-    if not keys:
-        raise ValueError(f"no conv/linear weights match {pattern!r}")
-    if len(keys) > max_layers:
-        picks = np.unique(np.linspace(0, len(keys) - 1, max_layers).round().astype(int))
-        keys = [keys[i] for i in picks]
-    return keys
-
-
-def plot_weight_histograms(states: dict[int, dict[str, torch.Tensor]] | dict[int, Path],
-                           out: Path, *, pattern: str | None = None, max_layers: int = 12,
-                           bins: int = 60, title: str | None = None) -> Path:
-    """Per-layer weight histograms across epochs, one panel per layer, one line per epoch.
-
-    Args:
-        states: ``{epoch: state dict or checkpoint path}`` (checkpoints are read with
-            ``torch.load(mmap=True, weights_only=True)``, ``model_state`` inside); epoch 0 may
-            be the initialisation.
-        out: PNG path.
-        pattern, max_layers: layer selection (:func:`select_weight_layers`).
-        bins: histogram bins over each layer's range across all epochs.
-        title: figure title.
-
-    Returns:
-        ``out``.
-
-    Raises:
-        ValueError: no states, or no layer selected.
-    """
-    if not states:
-        raise ValueError("no epochs to plot")
-
-    def load(item: dict[str, torch.Tensor] | Path) -> dict[str, torch.Tensor]:
-        if not isinstance(item, dict):
-            item = torch.load(item, map_location="cpu", weights_only=True,
-                              mmap=True)["model_state"]
-        return {k.removeprefix("net."): v for k, v in item.items()}
-
-    epochs = sorted(states)
-    first = load(states[epochs[0]])
-    keys = select_weight_layers(first, pattern, max_layers)
-    lo = {k: np.inf for k in keys}
-    hi = {k: -np.inf for k in keys}
-    for epoch in epochs:  # pass 1: a common range per layer
-        state = load(states[epoch])
-        for k in keys:
-            lo[k] = min(lo[k], float(state[k].min()))
-            hi[k] = max(hi[k], float(state[k].max()))
-    hists: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    stds: dict[str, list[float]] = {k: [] for k in keys}
-    for epoch in epochs:  # pass 2: histograms
-        state = load(states[epoch])
-        for k in keys:
-            values = state[k].detach().float()
-            hists[k].append(torch.histc(values, bins=bins, min=lo[k], max=hi[k]).numpy())
-            stds[k].append(float(values.std()))
-    columns = min(3, len(keys))
-    rows = -(-len(keys) // columns)
-    fig = Figure(figsize=(4.2 * columns + 0.8, 2.8 * rows + 0.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
-    cmap = colormaps["viridis"]
-    norm = Normalize(vmin=epochs[0], vmax=max(epochs[-1], epochs[0] + 1))
-    for ax, k in zip(axes, keys):
-        edges = np.linspace(lo[k], hi[k], bins + 1)
-        for epoch, counts in zip(epochs, hists[k]):
-            ax.stairs(counts / counts.sum(), edges, color=cmap(norm(epoch)), linewidth=1)
-        shape = "x".join(map(str, first[k].shape))
-        ax.set_title(f"{k} ({shape})\nstd {stds[k][0]:.3g} -> {stds[k][-1]:.3g}", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    for ax in axes[len(keys):]:
-        ax.set_axis_off()
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes[:len(keys)]),
-                 label="epoch (0 = initialisation)", shrink=0.8)
-    fig.suptitle(title or "weight distributions per layer (fraction of weights per bin)",
-                 fontsize=10)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_augmentations(images: Sequence[tuple[str, np.ndarray, list[torch.Tensor]]],
@@ -323,4 +228,4 @@ def plot_augmentations(images: Sequence[tuple[str, np.ndarray, list[torch.Tensor
             ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, out)
+    return save_figure(fig, out)

@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.models import mobilenetv2, mobilenetv3
 from torchvision.ops.misc import SqueezeExcitation
 
-from models.registry import CNNCodeModel
+from models.backbones.registry import CNNCodeModel
 
 Shape = tuple[int, ...]
 """A per-image shape, batch axis left out: ``(C, H, W)`` or ``(D,)``."""
@@ -48,7 +48,7 @@ class LayerRow:
     """One leaf layer of the summary.
 
     Attributes:
-        name: dotted module path inside the :class:`~models.registry.CNNCodeModel`
+        name: dotted module path inside the :class:`~models.backbones.registry.CNNCodeModel`
             (``net.features.0.0``), or ``flatten`` for the functional flatten.
         type: the module's class name.
         output_shape: per-image output shape (batch axis left out).

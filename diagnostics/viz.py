@@ -1,8 +1,8 @@
 """The ``cnn-codes viz`` figures, from run directories and data folders.
 
 Each function reads what a training run wrote (``metrics.jsonl``, ``config.json``,
-``checkpoints/epoch_NNN.pt``, ``best.pt``; see :mod:`training.trainer`) and writes one PNG with
-:mod:`diagnostics.plots`.
+``checkpoints/epoch_NNN.pt``, ``best.pt``; see :mod:`training.checkpoints`) and writes one PNG
+with :mod:`diagnostics.plots`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from typing import Any, Literal, Sequence
 import torch
 
 from diagnostics import plots
-from models.registry import WeightsNotFoundError, get_backbone_info
+from models.backbones.registry import WeightsNotFoundError, get_backbone_info
+from training.checkpoints import (METRICS_FILENAME, checkpoint_paths, load_model,
+                                  resolve_checkpoint)
+from training.components import initial_state
 from training.config import CONFIG_FILENAME, TrainConfig
 from training.data import augmentation_samples
-from training.trainer import (METRICS_FILENAME, checkpoint_paths, initial_state, load_model,
-                              resolve_checkpoint)
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def weights(run_dir: Path, out: Path, *, pattern: str | None = None, max_layers:
     """Per-layer weight histograms across the epochs of a run.
 
     Reads every ``checkpoints/epoch_NNN.pt``; epoch 0 is the initialisation, reproduced from
-    the run's seed (:func:`training.trainer.initial_state`) when ``include_init``.
+    the run's seed (:func:`training.components.initial_state`) when ``include_init``.
 
     Raises:
         FileNotFoundError: the run has no checkpoints.

@@ -23,8 +23,10 @@ from export.quantize import (PRECISIONS, Int8Options, VariantRejectedError, Vari
                              thresholds_dict)
 from models.card import (INPUT_NAME, OUTPUT_NAMES, ModelCard, ParityReport, TensorSpec,
                          VariantCheck, sha256_file)
-from models.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_file
-from models.registry import CNNCodeModel, get_backbone_info
+from models.postprocess import cosine_rows
+from models.preprocessing import PreprocessSpec
+from models.runtime import open_session
+from models.backbones.registry import CNNCodeModel, get_backbone_info
 from models.repository import PublishedModel, publish
 from training.config import CONFIG_FILENAME, TrainConfig
 from training.data import normalize_uint8
@@ -123,31 +125,22 @@ def check_parity(model: CNNCodeModel, spec: PreprocessSpec, onnx_path: Path,
     Raises:
         ExportError: no usable image.
     """
-    import onnxruntime as ort
-
-    arrays = []
-    for path in images:
-        try:
-            arrays.append(preprocess_file(str(path), spec))
-        except ImageDecodeError as exc:
-            logger.warning("parity: skipping %s (%s)", path, exc)
-    if not arrays:
-        raise ExportError("no decodable images for the parity check")
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    try:
+        arrays, _ = load_images(images, spec)
+    except ValueError:
+        raise ExportError("no decodable images for the parity check") from None
+    session = open_session(onnx_path)
     wrapper = UInt8Normalized(model.eval(), spec).eval()
     max_diff = {name: 0.0 for name in OUTPUT_NAMES}
     cosines, agree = [], 0
     for start in range(0, len(arrays), batch_size):
-        batch = np.stack(arrays[start:start + batch_size])
+        batch = arrays[start:start + batch_size]
         with torch.no_grad():
             ref = [t.numpy() for t in wrapper(torch.from_numpy(batch))]
         got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
         for name, r, g in zip(OUTPUT_NAMES, ref, got):
             max_diff[name] = max(max_diff[name], float(np.abs(r - g).max()))
-        r_emb, g_emb = ref[1].astype(np.float64), got[1].astype(np.float64)
-        denom = np.linalg.norm(r_emb, axis=1) * np.linalg.norm(g_emb, axis=1)
-        cos = np.where(denom > 0, (r_emb * g_emb).sum(1) / np.maximum(denom, 1e-300), 1.0)
-        cosines.extend(cos.tolist())
+        cosines.extend(cosine_rows(ref[1], got[1]).tolist())
         agree += int((ref[0].argmax(1) == got[0].argmax(1)).sum())
     return ParityReport(
         n_images=len(arrays), max_abs_diff=max_diff,

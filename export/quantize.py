@@ -31,13 +31,15 @@ from typing import Iterable, Literal, Sequence
 import numpy as np
 
 from models.card import INPUT_NAME, OUTPUT_NAMES, VariantCheck
-from models.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_file
+from models.decode import DecodeLimits, decode_batch
+from models.postprocess import cosine_rows, softmax
+from models.preprocessing import PreprocessSpec
+from models.runtime import SessionConfig, open_session
 
 logger = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
-CPU = "CPUExecutionProvider"
 
 
 class VariantRejectedError(RuntimeError):
@@ -120,7 +122,7 @@ class Int8Options:
 
 
 def load_images(paths: Iterable[Path], spec: PreprocessSpec) -> tuple[np.ndarray, list[Path]]:
-    """Decode and preprocess image files exactly as serving does.
+    """Decode and preprocess image files exactly as serving does (:func:`models.decode.decode_batch`).
 
     Returns:
         ``(N, S, S, 3)`` uint8 array and the paths that decoded (undecodable ones are logged
@@ -129,16 +131,13 @@ def load_images(paths: Iterable[Path], spec: PreprocessSpec) -> tuple[np.ndarray
     Raises:
         ValueError: no image decoded.
     """
-    arrays, used = [], []
-    for path in paths:
-        try:
-            arrays.append(preprocess_file(str(path), spec))
-            used.append(Path(path))
-        except ImageDecodeError as exc:
-            logger.warning("skipping %s (%s)", path, exc)
-    if not arrays:
+    paths = [Path(p) for p in paths]
+    decoded = decode_batch(paths, spec, DecodeLimits.default())
+    for index, error in sorted(decoded.errors.items()):
+        logger.warning("skipping %s (%s)", paths[index], error)
+    if not decoded.positions:
         raise ValueError("no decodable images")
-    return np.stack(arrays), used
+    return decoded.arrays, [paths[i] for i in decoded.positions]
 
 
 def sample_paths(paths: Sequence[Path], limit: int | None, *, seed: int = 0) -> list[Path]:
@@ -340,29 +339,8 @@ def check_interface(reference: Path, variant: Path) -> None:
         raise ValueError(f"{variant} changed the model interface: {got} instead of {want}")
 
 
-def _session(path: Path, providers: Sequence[str], threads: int = 0):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=list(providers))
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    z = np.exp(x - x.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
-
-
-def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    same = np.all(a == b, axis=1)
-    return np.where(same, 1.0, (a * b).sum(1) / np.maximum(denom, 1e-300))
-
-
 def compare_variant(reference: Path, variant: Path, images: np.ndarray, *, precision: str,
-                    providers: Sequence[str] = (CPU,), batch_size: int = 16,
+                    providers: Sequence[str] = ("cpu",), batch_size: int = 16,
                     source: str = "") -> VariantCheck:
     """Run the fp32 reference and a variant on the same images and compare their outputs.
 
@@ -370,14 +348,15 @@ def compare_variant(reference: Path, variant: Path, images: np.ndarray, *, preci
         reference: the fp32 model.
         variant: the int8 / fp16 model.
         images: ``(N, S, S, 3)`` uint8 preprocessed real images.
-        providers: execution providers of the variant's session (the reference runs on CPU).
+        providers: short names of the variant's execution providers (see
+            :func:`models.runtime.select_providers`); the reference runs on CPU.
 
     Returns:
         Embedding and features cosine (mean, min), top-1 agreement, max probability
         difference and max absolute difference per output.
     """
-    ref_session = _session(reference, [CPU])
-    var_session = _session(variant, providers)
+    ref_session = open_session(reference)
+    var_session = open_session(variant, SessionConfig(providers=tuple(providers)))
     names = list(OUTPUT_NAMES)
     cos = {"embedding": [], "features": []}
     agree, max_prob, max_abs = 0, 0.0, dict.fromkeys(names, 0.0)
@@ -388,10 +367,10 @@ def compare_variant(reference: Path, variant: Path, images: np.ndarray, *, preci
         for name in names:
             max_abs[name] = max(max_abs[name], float(np.abs(ref[name] - got[name]).max()))
         for name in cos:
-            cos[name].extend(_cosine_rows(ref[name], got[name]).tolist())
+            cos[name].extend(cosine_rows(ref[name], got[name]).tolist())
         agree += int((ref["logits"].argmax(1) == got["logits"].argmax(1)).sum())
-        max_prob = max(max_prob, float(np.abs(_softmax(ref["logits"].astype(np.float64))
-                                              - _softmax(got["logits"].astype(np.float64))).max()))
+        max_prob = max(max_prob, float(np.abs(softmax(ref["logits"])
+                                              - softmax(got["logits"])).max()))
     return VariantCheck(
         precision=precision, n_images=len(images),
         embedding_cosine_mean=float(np.mean(cos["embedding"])),

@@ -1,4 +1,6 @@
-"""Image preprocessing shared by training (eval path), export parity checks and serving.
+"""Preprocessing spec and geometry shared by training (eval path), export and serving.
+
+Decoding bytes into images lives in :mod:`models.decode` (the one per-image decode).
 
 Torch-free on purpose: the service imports this module and must not need torch.
 
@@ -11,11 +13,10 @@ The geometry below reproduces ``torchvision.transforms.v2.Resize(resize_size)`` 
 
 from __future__ import annotations
 
-import io
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
@@ -67,21 +68,6 @@ class PreprocessSpec(BaseModel):
         return self.model_copy(update={"crop_size": crop_size, "resize_size": resize})
 
 
-class ImageDecodeError(ValueError):
-    """An input could not be turned into an RGB image.
-
-    Attributes:
-        code: stable machine-readable reason (``empty``, ``not_an_image``, ``truncated``,
-            ``too_many_pixels``, ``unsupported_format``, ``too_small``).
-        message: human-readable explanation.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to RGB the documented way.
 
@@ -115,74 +101,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-# Formats the service accepts (Pillow format names); MPO is the multi-picture JPEG of cameras.
-SERVING_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF"})
-
-
-def load_rgb(
-    data: bytes,
-    *,
-    draft_size: int | None = None,
-    max_pixels: int | None = None,
-    min_side: int | None = None,
-    formats: frozenset[str] | None = None,
-) -> Image.Image:
-    """Decode encoded image bytes to an RGB Pillow image.
-
-    The first frame of animated formats is used; EXIF orientation is applied; JPEGs are
-    decoded in draft mode (DCT scaling) when ``draft_size`` is given, which keeps both sides
-    ``>= draft_size`` pixels and so never changes the later resize target.
-
-    Args:
-        data: the encoded file (JPEG, PNG, GIF, WebP, BMP, TIFF, ...).
-        draft_size: smallest side, pixels, that JPEG draft decoding must keep; None = off.
-        max_pixels: refuse images with more pixels than this (decompression bombs);
-            None keeps Pillow's own ``Image.MAX_IMAGE_PIXELS`` guard (which stays on either
-            way: Pillow raises for more than twice its limit).
-        min_side: refuse images whose shorter side is below this, pixels.
-        formats: accepted Pillow format names (e.g. :data:`SERVING_FORMATS`); None = any.
-
-    Returns:
-        A fully loaded RGB image.
-
-    Raises:
-        ImageDecodeError: ``empty``, ``not_an_image``, ``unsupported_format``,
-            ``too_many_pixels``, ``too_small``, ``truncated``.
-    """
-    if not data:
-        raise ImageDecodeError("empty", "the file is empty (0 bytes)")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageDecodeError("not_an_image", "not a recognised image format") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError("too_many_pixels", str(exc)) from None
-    if formats is not None and image.format not in formats:
-        raise ImageDecodeError(
-            "unsupported_format",
-            f"{image.format} images are not accepted; send one of {sorted(formats)}")
-    width, height = image.size
-    if min_side is not None and min(width, height) < min_side:
-        raise ImageDecodeError(
-            "too_small", f"{width}x{height} pixels: both sides must be at least {min_side}")
-    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
-    if limit is not None and width * height > limit:
-        raise ImageDecodeError(
-            "too_many_pixels", f"{width}x{height} pixels is more than the limit of {limit}"
-        )
-    try:
-        if draft_size is not None and image.format == "JPEG":
-            image.draft("RGB", (draft_size, draft_size))
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError("too_many_pixels", str(exc)) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        # Pillow reports truncated and corrupt data as OSError ("image file is truncated").
-        raise ImageDecodeError("truncated", f"the image data is incomplete or corrupt: {exc}") from None
-
-
 def resize_center_crop(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """Resize the shorter side to ``spec.resize_size`` then centre-crop ``spec.crop_size``.
 
@@ -213,31 +131,3 @@ def resize_center_crop(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     left = int(round((new_w - crop) / 2.0))
     image = image.crop((left, top, left + crop, top + crop))
     return np.array(image, dtype=np.uint8)  # a writable, C-contiguous copy
-
-
-def preprocess_bytes(
-    data: bytes, spec: PreprocessSpec, *, max_pixels: int | None = None,
-    min_side: int | None = None, formats: frozenset[str] | None = None,
-) -> np.ndarray:
-    """Encoded bytes -> model input for one image: decode, RGB, resize, centre crop.
-
-    Args:
-        data: encoded image file.
-        spec: the model's preprocessing spec.
-        max_pixels, min_side, formats: input limits (see :func:`load_rgb`).
-
-    Returns:
-        ``(crop_size, crop_size, 3)`` uint8 RGB array.
-
-    Raises:
-        ImageDecodeError: when the bytes are not a usable image.
-    """
-    image = load_rgb(data, draft_size=spec.resize_size, max_pixels=max_pixels,
-                     min_side=min_side, formats=formats)
-    return resize_center_crop(image, spec)
-
-
-def preprocess_file(path: str, spec: PreprocessSpec) -> np.ndarray:
-    """:func:`preprocess_bytes` on a file path; returns ``(S, S, 3)`` uint8."""
-    with open(path, "rb") as handle:
-        return preprocess_bytes(handle.read(), spec)

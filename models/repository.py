@@ -111,21 +111,23 @@ def remove_version(repository: str | Path, name: str, version: int, *,
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def resolve(repository: str | Path, name: str, version: int | str = "latest") -> PublishedModel:
-    """Find, load and verify one model version.
+def resolve_version(repository: str | Path, name: str, version: int | str = "latest") -> int:
+    """The version number ``version`` points at now, without reading or hashing any model file.
+
+    Cheap (a directory listing and, for an alias, ``aliases.json``): the alias poller calls it
+    every ``reload_poll_s`` in every API worker; only a version about to be loaded is verified
+    (hashed) by :func:`resolve`.
 
     Args:
         repository: model repository root.
         name: model name.
-        version: an integer version, ``"latest"`` (highest published) or an alias
-            (e.g. ``"production"``, see :func:`set_alias`).
+        version: an integer version, ``"latest"`` (highest published) or an alias.
 
     Returns:
-        The verified model.
+        A published version number.
 
     Raises:
-        ModelNotFoundError: unknown name or version.
-        ModelIntegrityError: the card is invalid, names another model, or the sha256 differs.
+        ModelNotFoundError: unknown name, version or alias.
     """
     versions = list_versions(repository, name)
     if not versions:
@@ -142,8 +144,28 @@ def resolve(repository: str | Path, name: str, version: int | str = "latest") ->
         chosen = aliases[str(version)]
     if chosen not in versions:
         raise ModelNotFoundError(f"model {name!r} has no version {chosen}; versions: {versions}")
-    path = Path(repository) / name / str(chosen)
-    return verify(path, expected_name=name, expected_version=chosen)
+    return chosen
+
+
+def resolve(repository: str | Path, name: str, version: int | str = "latest") -> PublishedModel:
+    """Find, load and verify (hash) one model version: :func:`resolve_version` + :func:`verify`.
+
+    Args:
+        repository: model repository root.
+        name: model name.
+        version: an integer version, ``"latest"`` (highest published) or an alias
+            (e.g. ``"production"``, see :func:`set_alias`).
+
+    Returns:
+        The verified model.
+
+    Raises:
+        ModelNotFoundError: unknown name or version.
+        ModelIntegrityError: the card is invalid, names another model, or the sha256 differs.
+    """
+    chosen = resolve_version(repository, name, version)
+    return verify(Path(repository) / name / str(chosen), expected_name=name,
+                  expected_version=chosen)
 
 
 def verify(

@@ -14,7 +14,8 @@ In order, for every HTTP request:
    multipart form the routes declare, so there is one validation path. Other content types
    get 415.
 
-Every error body is JSON ``{"error": "..."}``.
+Every error body is JSON ``{"error": "...", "code": "..."}`` with a code and status from the
+one error table (:mod:`models.errors`).
 """
 
 from __future__ import annotations
@@ -30,21 +31,12 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cnn_codes.settings import Settings
+from models.errors import RequestError
 from service.auth import check_api_key
 
 INFER_PATHS = frozenset({"/classify", "/embed"})
 ADMIN_PREFIX = "/admin/"
 RAW_TYPES = ("image/", "application/octet-stream")
-
-
-class RequestRejected(Exception):
-    """A request refused before it reaches a route: HTTP ``status`` with ``message``."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
 
 
 def encode_multipart(files: list[tuple[str, bytes]], fields: dict[str, str]) -> tuple[bytes, str]:
@@ -75,22 +67,22 @@ def transcode_json(body: bytes) -> tuple[bytes, str]:
     """``{"images": [{"b64": ..., "filename"?: ...}], **options}`` -> multipart.
 
     Raises:
-        RequestRejected: 400 naming what is wrong (not JSON, no images, bad base64).
+        RequestError: ``bad_request`` naming what is wrong (not JSON, no images, bad base64).
     """
     try:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestRejected(400, f"the body is not valid JSON: {exc}") from None
+        raise RequestError("bad_request", f"the body is not valid JSON: {exc}") from None
     if not isinstance(document, dict) or not isinstance(document.get("images"), list):
-        raise RequestRejected(400, 'expected a JSON object {"images": [{"b64": "..."}], ...}')
+        raise RequestError("bad_request", 'expected a JSON object {"images": [{"b64": "..."}], ...}')
     files: list[tuple[str, bytes]] = []
     for index, item in enumerate(document["images"]):
         if not isinstance(item, dict) or not isinstance(item.get("b64"), str):
-            raise RequestRejected(400, f'images[{index}] must be an object {{"b64": "..."}}')
+            raise RequestError("bad_request", f'images[{index}] must be an object {{"b64": "..."}}')
         try:
             data = base64.b64decode(item["b64"], validate=True)
         except (binascii.Error, ValueError):
-            raise RequestRejected(400, f"images[{index}].b64 is not valid base64") from None
+            raise RequestError("bad_request", f"images[{index}].b64 is not valid base64") from None
         filename = item.get("filename")
         files.append((filename if isinstance(filename, str) else f"images[{index}]", data))
     options = {k: _field_text(v) for k, v in document.items() if k != "images"}
@@ -123,8 +115,8 @@ class Gateway:
             return
         try:
             await self._handle(scope, receive, send)
-        except RequestRejected as exc:
-            response = JSONResponse({"error": exc.message}, status_code=exc.status,
+        except RequestError as exc:
+            response = JSONResponse(exc.body(), status_code=exc.http_status,
                                     headers=exc.headers)
             await response(scope, receive, send)
 
@@ -137,17 +129,18 @@ class Gateway:
                    for k, v in scope.get("headers", [])}
         if path.startswith(ADMIN_PREFIX):
             if not self.settings.admin_keys:
-                raise RequestRejected(403, "the admin API is disabled: set admin_keys")
+                raise RequestError("admin_disabled", "the admin API is disabled: set admin_keys")
             if not check_api_key(headers.get("authorization"), self.settings.admin_keys):
-                raise RequestRejected(401, "missing or invalid admin key",
-                                      {"WWW-Authenticate": "Bearer"})
+                raise RequestError("unauthenticated", "missing or invalid admin key",
+                                   headers={"WWW-Authenticate": "Bearer"})
         elif not check_api_key(headers.get("authorization"), self.settings.api_keys):
-            raise RequestRejected(401, "missing or invalid API key: send 'Authorization: "
-                                  "Bearer <key>'", {"WWW-Authenticate": "Bearer"})
+            raise RequestError("unauthenticated", "missing or invalid API key: send "
+                               "'Authorization: Bearer <key>'",
+                               headers={"WWW-Authenticate": "Bearer"})
         if self._in_flight >= self.settings.max_concurrency:
-            raise RequestRejected(
-                429, f"overloaded: {self._in_flight} requests in flight; retry later",
-                {"Retry-After": str(self.settings.retry_after_s)})
+            raise RequestError(
+                "overloaded", f"overloaded: {self._in_flight} requests in flight; retry later",
+                headers={"Retry-After": str(self.settings.retry_after_s)})
         self._in_flight += 1
         released = False
 
@@ -173,7 +166,7 @@ class Gateway:
 
     async def _read_body(self, receive: Receive, declared: str | None) -> bytes:
         limit = self.settings.max_request_bytes
-        too_large = RequestRejected(413, f"the request body exceeds the limit of {limit} bytes")
+        too_large = RequestError("body_too_large", f"the request body exceeds the limit of {limit} bytes")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise too_large
         chunks: list[bytes] = []
@@ -181,7 +174,7 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise RequestRejected(400, "the client disconnected before the body ended")
+                raise RequestError("bad_request", "the client disconnected before the body ended")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -203,8 +196,8 @@ class Gateway:
         elif media_type.startswith(RAW_TYPES):
             body, new_type = transcode_raw(body, scope.get("query_string", b""))
         else:
-            raise RequestRejected(
-                415, f"unsupported content type {media_type or '(none)'}: send multipart/"
+            raise RequestError(
+                "unsupported_media_type", f"unsupported content type {media_type or '(none)'}: send multipart/"
                 "form-data, application/json with base64 images, or a raw image/* body")
         replaced = [(k, v) for k, v in scope["headers"]
                     if k.lower() not in (b"content-type", b"content-length")]

@@ -6,14 +6,17 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from models.postprocess import VectorDType, VectorEncoding
+
 Layer = Literal["embedding", "features"]
 
 
 class ItemError(BaseModel):
     """Why one image of a request has no result.
 
-    ``code`` is stable: ``empty``, ``not_an_image``, ``truncated``, ``too_many_pixels``,
-    ``unsupported_format``, ``too_small``.
+    ``code`` is stable: one of the per-image codes of the error table (:mod:`models.errors`):
+    ``empty``, ``not_an_image``, ``truncated``, ``too_many_pixels``, ``unsupported_format``,
+    ``too_small``, ``too_large``, ``decode_failed``.
     """
 
     code: str
@@ -51,10 +54,6 @@ class ClassifyResponse(BaseModel):
     model: ModelRef
     top_k: int
     results: list[ClassifyItem]
-
-
-VectorDType = Literal["float32", "float16"]
-VectorEncoding = Literal["list", "base64"]
 
 
 class EmbedItem(BaseModel):

@@ -22,7 +22,7 @@ import pytest
 from batch.sources import SourceError, list_inputs
 from conftest import CLI, REPO_ROOT, base_env, last_json_line, run_cli
 from models.card import ModelCard
-from models.preprocessing import preprocess_file
+from models.decode import decode_file
 
 SHARD = 40
 
@@ -92,7 +92,7 @@ def test_every_input_is_one_row_and_equals_onnxruntime(clean_job, published, dat
         row = rows[path]
         assert row["error_code"] is None and row["model_version"] == published["version"]
         assert row["model_name"] == published["name"]
-        image = preprocess_file(path, card.preprocessing)[None]
+        image = decode_file(path, card.preprocessing)[None]
         direct = session.run(["embedding"], {"images": image})[0][0]
         direct = direct / np.linalg.norm(direct)
         got = np.asarray(row["embedding"], dtype=np.float32)

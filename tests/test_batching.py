@@ -12,7 +12,7 @@ from conftest import REPO_ROOT, base_env
 
 SCRIPT = r"""
 from bentoml._internal.marshal.dispatcher import Optimizer
-from service.batching import cap_learned_wait
+from service.bentoml_compat import cap_learned_wait
 
 def learned(optimizer):
     for n in range(1, 60):  # batches whose first request queued 400 ms (a burst)

@@ -27,7 +27,7 @@ def test_bento_builds_and_serves(published, data_dir, tmp_path):
     packaged = {p.relative_to(src).as_posix() for p in src.rglob("*.py")}
     assert "service/service.py" in packaged and "models/preprocessing.py" in packaged
     assert not any(p.startswith(("training/", "export/", "tests/")) for p in packaged)
-    assert "models/registry.py" not in packaged  # the torch side stays out
+    assert "models/backbones/registry.py" not in packaged  # the torch side stays out
     requirements = next(src.parent.glob("env/python/requirements.txt")).read_text()
     assert "onnxruntime" in requirements and "torch" not in requirements
 

@@ -14,11 +14,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from conftest import run_cli
-from diagnostics.dead_units import DeadUnitTracker, dead_unit_fraction
 from diagnostics.plots import filter_tiles, first_conv, select_weight_layers
 from diagnostics.summary import conv_output_size, forward_shapes, summarize
-from models.registry import build_backbone, get_backbone_info, list_backbones
+from models.backbones.registry import build_backbone, get_backbone_info, list_backbones
 from training.data import PRESETS, augmentation_samples, image_folders
+from training.dead_units import DeadUnitTracker, dead_unit_fraction
 from training.trainer import evaluate
 
 BACKBONES = [info.name for info in list_backbones()]

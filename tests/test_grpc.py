@@ -44,7 +44,7 @@ from tritonclient.utils import InferenceServerException
 from cnn_codes.settings import Settings
 from conftest import REPO_ROOT, Server, base_env, free_port, metric
 from models.card import OUTPUT_NAMES, ModelCard
-from models.preprocessing import preprocess_file
+from models.decode import decode_file
 
 KEY = "grpc-test-key-0123456789"
 METADATA = (("authorization", f"Bearer {KEY}"),)
@@ -138,7 +138,7 @@ def onnx_outputs(published: dict, batch: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def pixels(card: ModelCard, paths: list[Path]) -> np.ndarray:
-    return np.stack([preprocess_file(str(p), card.preprocessing) for p in paths])
+    return np.stack([decode_file(str(p), card.preprocessing) for p in paths])
 
 
 def bytes_input(module, paths_or_blobs: list) -> object:
@@ -564,9 +564,11 @@ from models.card import OUTPUT_NAMES, ModelCard
 from service.kserve.grpc_server import GrpcFront
 from service.kserve.protocol import InferenceFront
 from service.pipeline import InferencePipeline
+from service.served import ModelHolder
 
 async def main():
     card = ModelCard.model_validate_json(Path(os.environ["CARD"]).read_text())
+    holder = ModelHolder(card)
     settings = Settings()
     flag, delay = Path(os.environ["READY_FLAG"]), float(os.environ["ENCODE_DELAY_S"])
     width = sum(card.dim(name) for name in OUTPUT_NAMES)
@@ -578,8 +580,8 @@ async def main():
     async def is_ready():
         return flag.exists()
 
-    pipeline = InferencePipeline(card, settings, encode)
-    front = GrpcFront(InferenceFront(card, settings, pipeline, is_ready), settings)
+    pipeline = InferencePipeline(holder, settings, encode)
+    front = GrpcFront(InferenceFront(holder, settings, pipeline, is_ready), settings)
     port = await front.start()
     print("LISTENING", port, flush=True)
     stop = asyncio.Event()

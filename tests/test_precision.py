@@ -92,7 +92,7 @@ def test_int8_graph_keeps_the_interface_and_quantises_the_trunk(int8_model):
 
 
 def test_int8_is_served_by_onnxruntime_cpu_with_dynamic_batch(int8_model, data_dir):
-    from service.runtime import OnnxEncoder, split_outputs
+    from models.runtime import OnnxEncoder, split_outputs
 
     published = int8_model["published"]
     encoder = OnnxEncoder.create(str(published.onnx_path), published.card)

@@ -10,11 +10,13 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from models.preprocessing import (ImageDecodeError, PreprocessSpec, load_rgb, preprocess_bytes,
-                                  resize_center_crop)
+from models.decode import DecodeLimits, decode_image, load_rgb
+from models.errors import ImageError
+from models.preprocessing import PreprocessSpec, resize_center_crop
 
 SPEC = PreprocessSpec(resize_size=232, crop_size=224, interpolation="bilinear",
                       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+LIMITS = DecodeLimits.default()
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -42,14 +44,14 @@ def test_geometry_equals_torchvision_resize_center_crop(size):
 
 def test_real_photo_decodes(data_dir):
     path = sorted((data_dir / "val" / "ants").glob("*.jpg"))[0]
-    array = preprocess_bytes(path.read_bytes(), SPEC)
+    array = decode_image(path.read_bytes(), SPEC, LIMITS)
     assert array.shape == (224, 224, 3) and array.std() > 5
 
 
 def test_gif_first_frame(data_dir):
     data = (data_dir / "train" / "ants" / "imageNotFound.gif").read_bytes()
     assert Image.open(io.BytesIO(data)).format == "GIF"
-    assert preprocess_bytes(data, SPEC).shape == (224, 224, 3)
+    assert decode_image(data, SPEC, LIMITS).shape == (224, 224, 3)
 
 
 def test_transparency_composited_over_white():
@@ -87,21 +89,21 @@ def test_jpeg_draft_keeps_resize_target():
     (b"%PDF-1.4\n1 0 obj\n", "not_an_image"),
 ])
 def test_decode_errors(data, code):
-    with pytest.raises(ImageDecodeError) as err:
+    with pytest.raises(ImageError) as err:
         load_rgb(data)
     assert err.value.code == code
 
 
 def test_truncated_jpeg():
     data = encode(noise(300, 300), "JPEG")
-    with pytest.raises(ImageDecodeError) as err:
+    with pytest.raises(ImageError) as err:
         load_rgb(data[: len(data) // 3])
     assert err.value.code == "truncated"
 
 
 def test_pixel_limit():
     data = encode(Image.new("L", (1000, 1000)), "PNG")
-    with pytest.raises(ImageDecodeError) as err:
+    with pytest.raises(ImageError) as err:
         load_rgb(data, max_pixels=999_999)
     assert err.value.code == "too_many_pixels"
 

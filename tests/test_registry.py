@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision.models as tvm
 
-from models.registry import (WeightsNotFoundError, build_backbone, get_backbone_info,
+from models.backbones.registry import (WeightsNotFoundError, build_backbone, get_backbone_info,
                              list_backbones, torch_hub_checkpoint_path)
 
 REQUIRED = {"vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "mobilenet_v2", "mobilenet_v3_small",

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import CLI, REPO_ROOT, Server, base_env, last_json_line, run_cli
 from models.card import ModelCard
-from models.preprocessing import preprocess_file
+from models.decode import decode_file
 
 ADMIN = "admin-key-for-tests-0001"
 TIMEOUT = httpx.Timeout(60.0)
@@ -125,7 +125,7 @@ def test_hot_reload_follows_alias_without_failed_requests(repo_two_versions, dat
             (repository / name / "2" / "model_card.json").read_text())
         session = ort.InferenceSession(str(repository / name / "2" / "model.onnx"),
                                        providers=["CPUExecutionProvider"])
-        expected = session.run(["embedding"], {"images": preprocess_file(
+        expected = session.run(["embedding"], {"images": decode_file(
             str(image), card.preprocessing)[None]})[0][0]
         got = np.array(embed(server.url, image).json()["results"][0]["embedding"])
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

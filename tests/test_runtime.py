@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO_ROOT, base_env
 from models.card import ModelCard
 from cnn_codes.settings import Settings
-from service.runtime import (OnnxEncoder, ProviderUnavailableError, SessionConfig,
+from models.runtime import (OnnxEncoder, ProviderUnavailableError, SessionConfig,
                              select_providers, split_outputs)
 
 CPU_ONLY = ["AzureExecutionProvider", "CPUExecutionProvider"]
@@ -86,7 +86,7 @@ def test_session_settings_and_optimized_model_cache(published, tmp_path, monkeyp
 
 
 def test_serving_imports_no_torch():
-    code = ("import sys, service.service, service.runtime, service.decode, models.repository; "
+    code = ("import sys, service.service, models.runtime, models.decode, models.repository; "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=base_env(),

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import metric
 from models.card import ModelCard
-from models.preprocessing import preprocess_file
+from models.decode import decode_file
 
 TIMEOUT = httpx.Timeout(120.0)
 
@@ -43,7 +43,7 @@ def onnx_reference(published: dict, paths: list[Path]) -> tuple[ModelCard, dict[
     card = ModelCard.model_validate_json((published["path"] / "model_card.json").read_text())
     session = ort.InferenceSession(str(published["path"] / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
-    batch = np.stack([preprocess_file(str(p), card.preprocessing) for p in paths])
+    batch = np.stack([decode_file(str(p), card.preprocessing) for p in paths])
     names = ["logits", "embedding", "features"]
     return card, dict(zip(names, session.run(names, {"images": batch})))
 

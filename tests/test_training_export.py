@@ -64,7 +64,7 @@ def test_run_dir_guards(tiny_data, tmp_path):
 
 
 def test_feature_extract_trains_only_the_head(tiny_data, tmp_path):
-    from models.registry import build_backbone
+    from models.backbones.registry import build_backbone
 
     config = small_config(tiny_data, epochs=1, mode="feature-extract", lr=0.05)
     train(config, tmp_path / "fe")

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 import training.trainer as trainer
 from conftest import last_json_line, run_cli, subset_imagefolder
-from models.registry import torch_hub_checkpoint_path
+from models.backbones.registry import torch_hub_checkpoint_path
 from training.config import TrainConfig
 from training.trainer import (balanced_class_weights, checkpoint_paths, early_stopping_state,
                               initial_state, lr_factor, select_device, train)

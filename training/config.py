@@ -47,7 +47,7 @@ class TrainConfig(BaseModel):
             the last (Loshchilov & Hutter, SGDR, 2017, without restarts); ``constant``.
         warmup_epochs: linear warm-up, per optimiser step, from ``lr / warmup_steps`` to the
             scheduled rate over this many epochs (fractions allowed: 0.5 = half an epoch of
-            steps); it multiplies the schedule (see :func:`training.trainer.lr_factor`).
+            steps); it multiplies the schedule (see :func:`training.schedule.lr_factor`).
         label_smoothing: cross-entropy label smoothing in [0, 1) (training loss only).
         class_weights: ``balanced`` weights the training loss by ``N / (K * n_c)`` per class
             (scikit-learn's ``class_weight="balanced"``), for imbalanced data; ``none``.

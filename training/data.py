@@ -1,6 +1,6 @@
 """ImageFolder datasets and transforms for fine-tuning.
 
-Eval/val images go through exactly the serving path (:func:`models.preprocessing.preprocess_bytes`),
+Eval/val images go through exactly the serving path (:func:`models.decode.decode_image`),
 so the val accuracy a run reports is the accuracy the service delivers. Train images go through
 a torchvision transforms v2 augmentation preset built on the same spec.
 """
@@ -18,7 +18,8 @@ from PIL import Image
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from models.preprocessing import PreprocessSpec, load_rgb, preprocess_file
+from models.decode import DecodeLimits, decode_file, load_rgb, read_file
+from models.preprocessing import PreprocessSpec
 
 PRESETS = ("none", "light", "standard", "heavy")
 """Augmentation presets of :func:`train_transform`, weakest first."""
@@ -31,8 +32,7 @@ _INTERPOLATION = {
 
 
 def _load_rgb_file(path: str) -> Image.Image:
-    with open(path, "rb") as handle:
-        return load_rgb(handle.read())
+    return load_rgb(read_file(path, DecodeLimits.default().max_file_bytes))
 
 
 def normalize_uint8(images: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
@@ -83,7 +83,7 @@ def train_transform(spec: PreprocessSpec, preset: str) -> Callable[[Image.Image]
 
 
 def eval_transform(spec: PreprocessSpec) -> Callable[[np.ndarray], torch.Tensor]:
-    """``(S, S, 3)`` uint8 from :func:`preprocess_file` -> ``(3, S, S)`` float32 normalised."""
+    """``(S, S, 3)`` uint8 from :func:`decode_file` -> ``(3, S, S)`` float32 normalised."""
     def transform(array: np.ndarray) -> torch.Tensor:
         return normalize_uint8(torch.from_numpy(array)[None], spec)[0]
     return transform
@@ -104,7 +104,7 @@ def image_folders(
     train = datasets.ImageFolder(str(root / "train"), transform=train_transform(spec, augment),
                                  loader=_load_rgb_file)
     val = datasets.ImageFolder(str(root / "val"), transform=eval_transform(spec),
-                               loader=functools.partial(preprocess_file, spec=spec))
+                               loader=functools.partial(decode_file, spec=spec))
     if train.classes != val.classes:
         raise ValueError(f"train classes {train.classes} differ from val classes {val.classes}")
     return train, val
@@ -147,7 +147,7 @@ def augmentation_samples(
     rows = []
     for path, target in picks:
         image = _load_rgb_file(path)
-        view = preprocess_file(path, spec=spec)
+        view = decode_file(path, spec=spec)
         for preset in presets:
             transform = train_transform(spec, preset)
             torch.manual_seed(seed)

@@ -12,6 +12,12 @@ What the stock handler does differently from our service (not changed, because i
 user gets): ``Resize(256)`` for every model (ours reads the preset: 232 for
 MobileNetV3-Large), no JPEG draft mode, no RGB conversion (a palette GIF fails), batch size 1,
 one worker per core, JSON out.
+
+Deliberately not the project's inference core: the archived ``model.py`` and handler below
+decode, preprocess and post-process (softmax, top-k) with TorchServe's and torchvision's own
+code, exactly what a TorchServe user deploys. :mod:`models.decode`, :mod:`models.postprocess`
+and :mod:`models.runtime` stay out of them on purpose: the point is to measure the stock
+TorchServe path, not ours inside TorchServe.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TS_VENV = REPO_ROOT / "bench" / ".venv-torchserve"
 MODEL_NAME = "bench"
 
+# The two files below are TorchServe's side, written as a TorchServe user writes them: keep
+# them on TorchServe's own preprocessing and softmax (see the module docstring).
 _MODEL_PY = '''"""Eager model for TorchServe: torchvision {backbone} with {k} classes (bench)."""
 import torch
 import torchvision

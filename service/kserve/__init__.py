@@ -11,8 +11,9 @@ Stock clients (``tritonclient.grpc``, ``tritonclient.http``, KServe's ``Inferenc
 
 Modules:
     ``protocol``: protocol-independent core: tensors in, tensors out, metadata, model config,
-        classification extension, error statuses (one :class:`protocol.OIPError` carries both
-        the gRPC status and the HTTP status).
+        classification extension; errors are :class:`models.errors.RequestError` (the one error
+        table: gRPC status and HTTP status per code).
+    ``tensors``: the wire-independent request and response tensors.
     ``grpc_server``: ``grpc.aio`` server started in every API worker by the BentoML
         ``on_startup`` hook (SO_REUSEPORT: all workers share the port), with
         ``grpc.health.v1`` health checking, server reflection and API-key authentication.

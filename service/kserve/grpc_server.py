@@ -49,8 +49,9 @@ from grpc_reflection.v1alpha import reflection
 from cnn_codes.settings import Settings
 from service import metrics
 from service.auth import check_api_key
-from service.kserve.protocol import (Code, InferenceFront, InferRequest, InputTensor, OIPError,
-                                     RequestedOutput, ServedModel)
+from models.errors import RequestError
+from service.kserve.protocol import InferenceFront, ServedModel
+from service.kserve.tensors import InferRequest, InputTensor, RequestedOutput
 from service.kserve.proto import grpc_predict_v2_pb2 as pb
 from service.kserve.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -129,7 +130,7 @@ def _refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode,
 
 
 def _observed(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Map :class:`OIPError` (and surprises) to gRPC statuses; count and time every call."""
+    """Map :class:`models.errors.RequestError` (and surprises) to gRPC statuses; count and time every call."""
     name = method.__name__
 
     @functools.wraps(method)
@@ -138,12 +139,12 @@ def _observed(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
         started = time.perf_counter()
         try:
             response = await method(self, request, context)
-        except OIPError as exc:
-            _record(name, getattr(grpc.StatusCode, exc.code.name), started)
+        except RequestError as exc:
+            _record(name, getattr(grpc.StatusCode, exc.grpc_status), started)
             trailing = ()
             if exc.details.get("errors"):
                 trailing = ((ERRORS_METADATA_KEY, json.dumps(exc.details["errors"])),)
-            await context.abort(getattr(grpc.StatusCode, exc.code.name), exc.message,
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_status), exc.message,
                                 trailing_metadata=trailing)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -161,12 +162,12 @@ def request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
     """``ModelInferRequest`` -> :class:`InferRequest` (raw or typed contents per tensor).
 
     Raises:
-        OIPError: INVALID_ARGUMENT when ``raw_input_contents`` does not pair with ``inputs``
+        RequestError: ``bad_request`` when ``raw_input_contents`` does not pair with ``inputs``
             or a classification parameter is not an integer.
     """
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
-        raise OIPError(Code.INVALID_ARGUMENT,
+        raise RequestError("bad_request",
                        f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} "
                        "input tensor(s); send one per input, in order")
     inputs: list[InputTensor] = []
@@ -174,7 +175,7 @@ def request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
         shape = tuple(int(d) for d in tensor.shape)
         if raw:
             if tensor.HasField("contents"):
-                raise OIPError(Code.INVALID_ARGUMENT,
+                raise RequestError("bad_request",
                                f"inputs[{index}] ({tensor.name!r}) has contents although "
                                "raw_input_contents is used")
             inputs.append(InputTensor(tensor.name, tensor.datatype, shape, raw=raw[index],
@@ -195,7 +196,7 @@ def request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
             param = out.parameters["classification"]
             kind = param.WhichOneof("parameter_choice")
             if kind not in ("int64_param", "uint64_param"):
-                raise OIPError(Code.INVALID_ARGUMENT,
+                raise RequestError("bad_request",
                                f"outputs[{index}] ({out.name!r}): the classification "
                                f"parameter must be int64_param, got {kind}")
             count = int(getattr(param, kind))
@@ -254,7 +255,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         limit = self.settings.grpc_max_concurrency
         if self._in_flight >= limit:
-            raise OIPError(Code.RESOURCE_EXHAUSTED,
+            raise RequestError("overloaded",
                            f"overloaded: {self._in_flight} ModelInfer calls in progress in this "
                            f"worker (limit {limit}, CNN_CODES_GRPC_MAX_CONCURRENCY); retry later")
         self._in_flight += 1
@@ -264,7 +265,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 async with asyncio.timeout(self.settings.request_timeout_s):
                     answer = await self.front.infer(parsed, protocol="grpc")
             except TimeoutError:
-                raise OIPError(Code.DEADLINE_EXCEEDED,
+                raise RequestError("timeout",
                                f"inference took longer than {self.settings.request_timeout_s} s "
                                "(CNN_CODES_REQUEST_TIMEOUT_S)") from None
         finally:

@@ -24,7 +24,7 @@ header, the body is that many bytes of JSON followed by the binary tensors, each
 parameter ``binary_data_output``) come back the same way. In plain JSON, ``BYTES`` elements
 of ``images`` are **base64** strings of the image files (JSON cannot carry raw bytes) and
 ``UINT8`` data is a flat or nested list of integers. Errors are ``{"error": "..."}`` with the
-HTTP status of :class:`service.kserve.protocol.OIPError` (images that fail to decode are
+HTTP status of :class:`models.errors.RequestError` (images that fail to decode are
 listed in ``"errors": [{"index", "code", "message"}]``).
 """
 
@@ -45,20 +45,21 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.kserve.protocol import (Code, InferenceFront, InferRequest, InputTensor, OIPError,
-                                     RequestedOutput, ServedModel)
+from models.errors import RequestError
+from service.kserve.protocol import InferenceFront, ServedModel
+from service.kserve.tensors import InferRequest, InputTensor, RequestedOutput
 
 logger = logging.getLogger("cnn_codes.kserve.http")
 
 HEADER_LENGTH = "inference-header-content-length"
 
 
-def _error_response(exc: OIPError) -> JSONResponse:
-    return JSONResponse({"error": exc.message, **exc.details}, status_code=exc.http_status)
+def _error_response(exc: RequestError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.http_status, headers=exc.headers)
 
 
-def _bad_request(message: str) -> OIPError:
-    return OIPError(Code.INVALID_ARGUMENT, message)
+def _bad_request(message: str) -> RequestError:
+    return RequestError("bad_request", message)
 
 
 def routes(get_service: Callable[[], ServedModel]) -> list[Route]:
@@ -76,7 +77,7 @@ def routes(get_service: Callable[[], ServedModel]) -> list[Route]:
         async def endpoint(request: Request) -> Response:
             try:
                 return await fn(request, front())
-            except OIPError as exc:
+            except RequestError as exc:
                 return _error_response(exc)
         endpoint.__name__ = endpoint.__qualname__ = fn.__name__
         endpoint.__doc__ = fn.__doc__
@@ -142,9 +143,9 @@ def routes(get_service: Callable[[], ServedModel]) -> list[Route]:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 past ``limit`` bytes (declared or streamed)."""
-    too_large = OIPError(Code.RESOURCE_EXHAUSTED,
-                         f"the request body exceeds the limit of {limit} bytes "
-                         "(CNN_CODES_MAX_REQUEST_BYTES)", http_status=413)
+    too_large = RequestError("body_too_large",
+                             f"the request body exceeds the limit of {limit} bytes "
+                             "(CNN_CODES_MAX_REQUEST_BYTES)")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large

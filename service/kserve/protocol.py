@@ -32,21 +32,23 @@ References: Open Inference Protocol (https://github.com/kserve/open-inference-pr
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
-import struct
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib import metadata as importlib_metadata
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Protocol
 
 import numpy as np
 
 from cnn_codes.settings import Settings
 from models.card import INPUT_NAME, OUTPUT_NAMES, ModelCard
+from models.errors import RequestError
+from models.postprocess import top_k
 from service import metrics
-from service.pipeline import EmptyRequest, InferencePipeline, RequestTooLarge
+from service.kserve.tensors import (InferRequest, InferResponse, InputTensor, OutputTensor,
+                                    RequestedOutput, deserialize_bytes)
+from service.pipeline import InferencePipeline
+from service.served import ModelHolder
 
 logger = logging.getLogger("cnn_codes.kserve")
 
@@ -60,156 +62,14 @@ ENDPOINT = "infer"  # ``endpoint`` label of the shared image metrics
 _CARD_TO_OIP_DTYPE = {"uint8": "UINT8", "float32": "FP32", "float16": "FP16"}
 
 
-class Code(enum.Enum):
-    """Failure classes, each with its gRPC status code name and default HTTP status."""
-
-    INVALID_ARGUMENT = HTTPStatus.BAD_REQUEST
-    NOT_FOUND = HTTPStatus.NOT_FOUND
-    RESOURCE_EXHAUSTED = HTTPStatus.TOO_MANY_REQUESTS
-    UNAUTHENTICATED = HTTPStatus.UNAUTHORIZED
-    UNAVAILABLE = HTTPStatus.SERVICE_UNAVAILABLE
-    DEADLINE_EXCEEDED = HTTPStatus.GATEWAY_TIMEOUT
-    INTERNAL = HTTPStatus.INTERNAL_SERVER_ERROR
-
-
-class OIPError(Exception):
-    """A request the front refuses, with a message naming the problem.
-
-    Attributes:
-        code: the failure class; ``code.name`` is the gRPC status code name.
-        message: human-readable, names the offending tensor, element or limit.
-        http_status: HTTP status for the ``/v2`` routes (defaults to ``code.value``; 413 for
-            requests over a size limit).
-        details: machine-readable extras, e.g. ``{"errors": [{"index", "code", "message"}]}``
-            for images that failed to decode (codes as in the HTTP API's per-item errors).
-    """
-
-    def __init__(self, code: Code, message: str, *, http_status: int | None = None,
-                 details: dict[str, Any] | None = None) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
-        self.http_status = int(http_status or code.value)
-        self.details = details or {}
-
-
-@dataclass(frozen=True)
-class InputTensor:
-    """One request input, decoupled from the wire format.
-
-    Exactly one of ``raw`` and ``elements`` is set.
-
-    Attributes:
-        name, datatype, shape: as sent (``shape`` includes the batch dimension).
-        raw: the tensor's raw bytes (gRPC ``raw_input_contents[i]``, HTTP binary extension):
-            row-major little-endian elements; BYTES elements as 4-byte little-endian length
-            + bytes.
-        elements: typed contents, flattened row-major (gRPC ``contents.uint_contents`` /
-            ``bytes_contents``, JSON ``data``): ints for UINT8, ``bytes`` for BYTES.
-        source: where it came from, for error messages (e.g. ``raw_input_contents[0]``).
-    """
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    raw: bytes | None = None
-    elements: Sequence[Any] | None = None
-    source: str = "input"
-
-
-@dataclass(frozen=True)
-class RequestedOutput:
-    """A requested output: its name and the classification count (0 = raw tensor)."""
-
-    name: str
-    class_count: int = 0
-
-
-@dataclass(frozen=True)
-class InferRequest:
-    """An inference request: model, optional id, one input, the requested outputs."""
-
-    model_name: str
-    model_version: str
-    inputs: list[InputTensor]
-    outputs: list[RequestedOutput] = field(default_factory=list)
-    id: str = ""
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    """One response output: ``FP32`` float32 ``(N, W)`` or ``BYTES`` object array ``(N, k)``."""
-
-    name: str
-    datatype: str
-    data: np.ndarray
-
-    @property
-    def shape(self) -> list[int]:
-        return [int(d) for d in self.data.shape]
-
-    def raw(self) -> bytes:
-        """Row-major little-endian bytes (BYTES: length-prefixed elements)."""
-        if self.datatype == "BYTES":
-            return serialize_bytes(list(self.data.reshape(-1)))
-        return np.ascontiguousarray(self.data, dtype="<f4").tobytes()
-
-    def json_data(self) -> list:
-        """Flattened row-major elements for a JSON body (BYTES as UTF-8 strings)."""
-        flat = self.data.reshape(-1)
-        if self.datatype == "BYTES":
-            return [item.decode("utf-8") for item in flat]
-        return flat.astype(np.float64).tolist()
-
-
-@dataclass(frozen=True)
-class InferResponse:
-    """An inference answer for :attr:`model_name` version :attr:`model_version`."""
-
-    model_name: str
-    model_version: str
-    id: str
-    outputs: list[OutputTensor]
-
-
 class ServedModel(Protocol):
     """What the front needs from the BentoML service instance (``CNNCodes``)."""
 
-    card: ModelCard
+    holder: ModelHolder
     settings: Settings
     pipeline: InferencePipeline
 
     async def __is_ready__(self) -> bool: ...
-
-
-def serialize_bytes(items: Sequence[bytes]) -> bytes:
-    """BYTES elements -> the raw form: each as ``uint32`` little-endian length + bytes."""
-    return b"".join(struct.pack("<I", len(item)) + bytes(item) for item in items)
-
-
-def deserialize_bytes(raw: bytes, *, source: str = "raw contents") -> list[bytes]:
-    """Inverse of :func:`serialize_bytes`.
-
-    Raises:
-        OIPError: INVALID_ARGUMENT when a length prefix runs past the end of ``raw``.
-    """
-    items: list[bytes] = []
-    offset, size, view = 0, len(raw), memoryview(raw)
-    while offset < size:
-        if size - offset < 4:
-            raise OIPError(Code.INVALID_ARGUMENT,
-                           f"{source} is not a valid BYTES tensor: {size - offset} stray "
-                           f"byte(s) after element {len(items)} where a 4-byte length "
-                           "prefix was expected")
-        (length,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        if length > size - offset:
-            raise OIPError(Code.INVALID_ARGUMENT,
-                           f"{source} is not a valid BYTES tensor: element {len(items)} "
-                           f"declares {length} bytes but only {size - offset} remain")
-        items.append(bytes(view[offset:offset + length]))
-        offset += length
-    return items
 
 
 def server_version() -> str:
@@ -224,19 +84,25 @@ class InferenceFront:
     """The Open Inference Protocol over one served model, for every transport.
 
     Args:
-        card: the served model's card (names, dims, classes, input size).
+        holder: the worker's model holder (:class:`service.served.ModelHolder`): the served
+            card (names, dims, classes, input size), swapped whole by a hot reload.
         settings: limits (images per request) and batching numbers shown in the config.
         pipeline: the shared decode -> Encoder pipeline (one adaptive batcher for all
             protocols).
         is_ready: coroutine telling whether the service is ready (canary inference done).
     """
 
-    def __init__(self, card: ModelCard, settings: Settings, pipeline: InferencePipeline,
+    def __init__(self, holder: ModelHolder, settings: Settings, pipeline: InferencePipeline,
                  is_ready: Callable[[], Awaitable[bool]]) -> None:
-        self.card = card
+        self.holder = holder
         self.settings = settings
         self.pipeline = pipeline
         self._is_ready = is_ready
+
+    @property
+    def card(self) -> ModelCard:
+        """The served card now (follows hot reloads)."""
+        return self.holder.card
 
     @property
     def version(self) -> str:
@@ -248,7 +114,7 @@ class InferenceFront:
         """The front of a service instance, created once and kept on the instance."""
         front = getattr(service, "_oip_front", None)
         if front is None:
-            front = cls(service.card, service.settings, service.pipeline,
+            front = cls(service.holder, service.settings, service.pipeline,
                         service.__is_ready__)
             setattr(service, "_oip_front", front)
         return front
@@ -267,13 +133,13 @@ class InferenceFront:
         """Check that ``name`` (and ``version``, if given) is the served model.
 
         Raises:
-            OIPError: NOT_FOUND naming the model or version this server serves.
+            RequestError: ``not_found`` naming the model or version this server serves.
         """
         if name != self.card.name:
-            raise OIPError(Code.NOT_FOUND, f"unknown model {name!r}: this server serves "
+            raise RequestError("not_found", f"unknown model {name!r}: this server serves "
                                            f"{self.card.name!r} (version {self.version})")
         if version not in ("", self.version):
-            raise OIPError(Code.NOT_FOUND, f"model {name!r} has no version {version!r}: this "
+            raise RequestError("not_found", f"model {name!r} has no version {version!r}: this "
                                            f"server serves version {self.version}")
 
     async def model_ready(self, name: str, version: str = "") -> bool:
@@ -349,26 +215,24 @@ class InferenceFront:
             protocol: ``grpc`` or ``http``: the ``protocol`` label of the image metrics.
 
         Raises:
-            OIPError: NOT_FOUND (model/version), UNAVAILABLE (not ready), INVALID_ARGUMENT
-                (tensor or image problems), RESOURCE_EXHAUSTED (too many images, overload).
+            RequestError: ``not_found`` (model/version), ``not_ready``, ``bad_request``
+                (tensor problems), ``images_failed`` (images that cannot be used, each named
+                with its index and code), ``too_many_images``, ``overloaded``.
         """
         self.resolve(request.model_name, request.model_version)
         wanted = self._requested_outputs(request.outputs)
         tensor = self._single_input(request.inputs)
         if not await self.ready():
-            raise OIPError(Code.UNAVAILABLE, f"model {self.card.name!r} is not ready yet "
+            raise RequestError("not_ready", f"model {self.card.name!r} is not ready yet "
                                              "(start-up canary inference pending); retry")
         try:
             if tensor.datatype == "BYTES":
                 outputs = await self._infer_encoded(tensor, protocol)
             else:
                 outputs = await self._infer_pixels(tensor, protocol)
-        except EmptyRequest as exc:
-            raise OIPError(Code.INVALID_ARGUMENT, f"input {tensor.name!r}: {exc}") from None
-        except RequestTooLarge as exc:
-            raise OIPError(Code.RESOURCE_EXHAUSTED, f"input {tensor.name!r}: {exc}",
-                           http_status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
-        except OIPError:
+        except RequestError as exc:
+            if exc.code in ("no_images", "too_many_images"):
+                raise RequestError(exc.code, f"input {tensor.name!r}: {exc.message}") from None
             raise
         except asyncio.CancelledError:
             raise
@@ -376,10 +240,10 @@ class InferenceFront:
             status = getattr(exc, "error_code", None)
             if status is not None and int(status) in (HTTPStatus.TOO_MANY_REQUESTS,
                                                       HTTPStatus.SERVICE_UNAVAILABLE):
-                raise OIPError(Code.RESOURCE_EXHAUSTED, "the encoder is overloaded "
+                raise RequestError("overloaded", "the encoder is overloaded "
                                f"({int(status)}); retry later") from None
             logger.exception("inference failed")
-            raise OIPError(Code.INTERNAL, f"inference failed: {type(exc).__name__}") from None
+            raise RequestError("internal", f"inference failed: {type(exc).__name__}") from None
         return InferResponse(model_name=self.card.name, model_version=self.version,
                              id=request.id,
                              outputs=[self._output(out, outputs[out.name]) for out in wanted])
@@ -390,13 +254,13 @@ class InferenceFront:
         seen: set[str] = set()
         for out in outputs:
             if out.name not in OUTPUT_NAMES:
-                raise OIPError(Code.INVALID_ARGUMENT,
+                raise RequestError("bad_request",
                                f"unknown output {out.name!r}: the model's outputs are "
                                f"{', '.join(OUTPUT_NAMES)}")
             if out.name in seen:
-                raise OIPError(Code.INVALID_ARGUMENT, f"output {out.name!r} requested twice")
+                raise RequestError("bad_request", f"output {out.name!r} requested twice")
             if out.class_count < 0:
-                raise OIPError(Code.INVALID_ARGUMENT,
+                raise RequestError("bad_request",
                                f"output {out.name!r}: classification count must be >= 1, "
                                f"got {out.class_count}")
             seen.add(out.name)
@@ -404,19 +268,19 @@ class InferenceFront:
 
     def _single_input(self, inputs: list[InputTensor]) -> InputTensor:
         if len(inputs) != 1:
-            raise OIPError(Code.INVALID_ARGUMENT,
+            raise RequestError("bad_request",
                            f"expected exactly 1 input tensor {INPUT_NAME!r}, got {len(inputs)}")
         tensor = inputs[0]
         if tensor.name != INPUT_NAME:
-            raise OIPError(Code.INVALID_ARGUMENT, f"unknown input {tensor.name!r}: the "
+            raise RequestError("bad_request", f"unknown input {tensor.name!r}: the "
                                                   f"model's input is {INPUT_NAME!r}")
         if tensor.datatype not in ("BYTES", "UINT8"):
             size = self.card.preprocessing.crop_size
-            raise OIPError(Code.INVALID_ARGUMENT,
+            raise RequestError("bad_request",
                            f"input {tensor.name!r} has datatype {tensor.datatype!r}: send "
                            f"UINT8 [N,{size},{size},3] pixels or BYTES [N] encoded images")
         if any(d < 0 for d in tensor.shape):
-            raise OIPError(Code.INVALID_ARGUMENT,
+            raise RequestError("bad_request",
                            f"input {tensor.name!r} has a negative dimension in shape "
                            f"{list(tensor.shape)}")
         return tensor
@@ -424,7 +288,7 @@ class InferenceFront:
     async def _infer_encoded(self, tensor: InputTensor, protocol: str) -> dict[str, np.ndarray]:
         shape = tensor.shape
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-            raise OIPError(Code.INVALID_ARGUMENT,
+            raise RequestError("bad_request",
                            f"BYTES input {tensor.name!r} must have shape [N] or [N, 1] (one "
                            f"encoded image per element), got {list(shape)}")
         count = shape[0]
@@ -434,7 +298,7 @@ class InferenceFront:
         else:
             payloads = [bytes(item) for item in (tensor.elements or [])]
         if len(payloads) != count:
-            raise OIPError(Code.INVALID_ARGUMENT,
+            raise RequestError("bad_request",
                            f"input {tensor.name!r} has shape {list(shape)} ({count} elements) "
                            f"but {tensor.source} holds {len(payloads)}")
         result = await self.pipeline.run(payloads, endpoint=ENDPOINT, protocol=protocol)
@@ -442,7 +306,7 @@ class InferenceFront:
             errors = [{"index": i, "code": e.code, "message": e.message}
                       for i, e in sorted(result.decoded.errors.items())]
             listed = "; ".join(f"[{e['index']}] {e['code']}: {e['message']}" for e in errors)
-            raise OIPError(Code.INVALID_ARGUMENT,
+            raise RequestError("images_failed",
                            f"{len(errors)} of {count} image(s) in {tensor.name!r} could not be "
                            f"used: {listed}", details={"errors": errors})
         assert result.outputs is not None  # every image decoded
@@ -453,7 +317,7 @@ class InferenceFront:
         expected = (size, size, 3)
         shape = tensor.shape
         if len(shape) != 4 or tuple(shape[1:]) != expected:
-            raise OIPError(Code.INVALID_ARGUMENT,
+            raise RequestError("bad_request",
                            f"UINT8 input {tensor.name!r} must have shape [N, {size}, {size}, 3] "
                            f"(RGB at the model's input size), got {list(shape)}")
         count = shape[0]
@@ -461,19 +325,19 @@ class InferenceFront:
         elements = count * size * size * 3
         if tensor.raw is not None:
             if len(tensor.raw) != elements:
-                raise OIPError(Code.INVALID_ARGUMENT,
+                raise RequestError("bad_request",
                                f"{tensor.source} holds {len(tensor.raw)} bytes but UINT8 shape "
                                f"{list(shape)} needs {elements}")
             pixels = np.frombuffer(tensor.raw, dtype=np.uint8)
         else:
             values = np.asarray(tensor.elements if tensor.elements is not None else [])
             if values.size != elements:
-                raise OIPError(Code.INVALID_ARGUMENT,
+                raise RequestError("bad_request",
                                f"{tensor.source} holds {values.size} values but UINT8 shape "
                                f"{list(shape)} needs {elements}")
             if values.dtype.kind not in "iu" or (values.size and (
                     values.min() < 0 or values.max() > 255)):
-                raise OIPError(Code.INVALID_ARGUMENT,
+                raise RequestError("bad_request",
                                f"{tensor.source}: UINT8 values must be integers in 0..255")
             pixels = values.astype(np.uint8)
         batch = pixels.reshape(count, size, size, 3)
@@ -487,7 +351,7 @@ class InferenceFront:
         if not requested.class_count:
             return OutputTensor(requested.name, "FP32", values)
         k = min(requested.class_count, values.shape[1])
-        order = np.argsort(-values, axis=1, kind="stable")[:, :k]
+        order = top_k(values, k)
         labels = self.card.class_names if requested.name == "logits" else None
         data = np.empty((values.shape[0], k), dtype=object)
         for row in range(values.shape[0]):

@@ -1,4 +1,4 @@
-"""onnxruntime sessions: execution provider selection, threads, and the inference core.
+"""onnxruntime sessions: the one session factory, provider selection, threads, the runner.
 
 Provider names follow onnxruntime (https://onnxruntime.ai/docs/execution-providers/):
 ``tensorrt`` -> ``TensorrtExecutionProvider``, ``cuda`` -> ``CUDAExecutionProvider``,
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
-
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 
@@ -137,6 +135,57 @@ def optimized_model_path(config: SessionConfig, card: ModelCard, providers: Sequ
     return Path(config.optimized_model_dir) / f"{card.name}-{key}.onnx"
 
 
+def open_session(onnx_path: str | Path, config: SessionConfig = SessionConfig(), *,
+                 card: ModelCard | None = None):
+    """The one onnxruntime session constructor of the project.
+
+    Selects the execution providers, sets threads, spinning and the graph optimisation
+    level, uses the optimised-graph cache when ``card`` names the model (its sha256 keys the
+    cache), and checks which providers the session really got.
+
+    Args:
+        onnx_path: an ONNX file.
+        config: providers, threads, optimisation (:class:`SessionConfig`).
+        card: the published model's card, for the optimised-graph cache; None = no cache.
+
+    Returns:
+        ``onnxruntime.InferenceSession``.
+
+    Raises:
+        ProviderUnavailableError: see :func:`select_providers`; also when the session
+            silently dropped a requested GPU provider (e.g. missing CUDA libraries).
+    """
+    import onnxruntime as ort
+
+    wanted = select_providers(config.providers, ort.get_available_providers(),
+                              allow_cpu_fallback=config.allow_cpu_fallback)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = config.intra_op_threads
+    options.inter_op_num_threads = config.inter_op_threads
+    if not config.allow_spinning:
+        # idle onnxruntime threads would spin on the cores the decoders need
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = _levels()[config.graph_optimization]
+    cached = optimized_model_path(config, card, wanted, ort.__version__) if card else None
+    source = str(onnx_path)
+    if cached is not None and cached.is_file():
+        source = str(cached)  # already optimised for exactly this setup
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        logger.info("loading the cached optimised graph %s", cached)
+    elif cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        options.optimized_model_filepath = str(cached)
+    session = ort.InferenceSession(source, sess_options=options, providers=wanted)
+    got = session.get_providers()
+    dropped = [p for p in wanted if p not in got]
+    if dropped:
+        message = f"onnxruntime dropped providers {dropped} (session has {got})"
+        if not config.allow_cpu_fallback:
+            raise ProviderUnavailableError(message)
+        logger.warning(message)
+    return session
+
+
 @dataclass
 class OnnxEncoder:
     """An onnxruntime session over a published model: the inference core.
@@ -152,42 +201,14 @@ class OnnxEncoder:
     @classmethod
     def create(cls, onnx_path: str, card: ModelCard,
                config: SessionConfig = SessionConfig()) -> "OnnxEncoder":
-        """Open a session with the selected providers and check what onnxruntime really used.
+        """Open a session on a published model (see :func:`open_session`).
 
         Raises:
-            ProviderUnavailableError: see :func:`select_providers`; also when the session
-                silently dropped a requested GPU provider (e.g. missing CUDA libraries).
+            ProviderUnavailableError: see :func:`open_session`.
         """
-        import onnxruntime as ort
-
-        allow_cpu_fallback = config.allow_cpu_fallback
-        wanted = select_providers(config.providers, ort.get_available_providers(),
-                                  allow_cpu_fallback=allow_cpu_fallback)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = config.intra_op_threads
-        options.inter_op_num_threads = config.inter_op_threads
-        if not config.allow_spinning:
-            # idle onnxruntime threads would spin on the cores the decoders need
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.graph_optimization_level = _levels()[config.graph_optimization]
-        cached = optimized_model_path(config, card, wanted, ort.__version__)
-        source = onnx_path
-        if cached is not None and cached.is_file():
-            source = str(cached)  # already optimised for exactly this setup
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            logger.info("loading the cached optimised graph %s", cached)
-        elif cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            options.optimized_model_filepath = str(cached)
-        session = ort.InferenceSession(source, sess_options=options, providers=wanted)
-        got = session.get_providers()
-        dropped = [p for p in wanted if p not in got]
-        if dropped:
-            message = f"onnxruntime dropped providers {dropped} (session has {got})"
-            if not allow_cpu_fallback:
-                raise ProviderUnavailableError(message)
-            logger.warning(message)
-        logger.info("onnxruntime session for %s:%d on %s", card.name, card.version, got)
+        session = open_session(onnx_path, config, card=card)
+        logger.info("onnxruntime session for %s:%d on %s", card.name, card.version,
+                    session.get_providers())
         return cls(session=session, card=card)
 
     @property

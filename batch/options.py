@@ -1,0 +1,40 @@
+"""How a batch job runs (:class:`JobOptions`), shared by the local and the Ray engine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from models.decode import DecodeLimits
+from models.runtime import SessionConfig
+
+Engine = Literal["local", "ray"]
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """How a job runs (not what it computes, which is :class:`batch.job.EmbedJobSpec`).
+
+    Attributes:
+        batch_size: images per onnxruntime run.
+        decode_workers: decoding threads per process (Ray: per actor).
+        limits: per-image limits (the HTTP API's).
+        session_config: onnxruntime providers and threads.
+        engine: ``local`` (this process) or ``ray`` (Ray Data ``map_batches`` over parts,
+            one onnxruntime session per actor).
+        ray_address: Ray cluster to join (``auto``, ``ray://host:10001``); None starts a local
+            Ray instance. On a cluster the model repository and the output folder must be on
+            storage every node sees.
+        ray_actors: Ray actors (model replicas).
+        progress: draw a progress bar (tqdm) on stderr.
+    """
+
+    batch_size: int = 32
+    decode_workers: int = max(1, os.cpu_count() or 1)
+    limits: DecodeLimits = field(default_factory=DecodeLimits.default)
+    session_config: SessionConfig = SessionConfig()
+    engine: Engine = "local"
+    ray_address: str | None = None
+    ray_actors: int = 1
+    progress: bool = True

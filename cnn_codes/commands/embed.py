@@ -1,0 +1,87 @@
+"""``cnn-codes embed``: batch job, images -> Parquet CNN codes, resumable (see :mod:`batch.job`).
+
+Exit 0 done (failed images are rows with an ``error_code``, not a failed job); 2 bad sources,
+unknown model or an output folder holding another job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cnn_codes.commands._common import positive_int, report_error
+from cnn_codes.settings import Settings
+
+if TYPE_CHECKING:
+    from batch.options import JobOptions
+
+EXIT_BAD_JOB = 2
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``embed SOURCES... --out DIR`` on ``subparsers``."""
+    p = subparsers.add_parser("embed",
+                              help="batch job: CNN codes of many images -> Parquet, resumable")
+    p.add_argument("sources", nargs="+",
+                   help="directories, glob patterns, or manifests (.txt a path per line; "
+                        ".csv/.parquet with a 'path' column)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder (part-NNNNN.parquet); run again to resume")
+    p.add_argument("--model", help="NAME[:VERSION|ALIAS] (default: the served model setting)")
+    p.add_argument("--repository", type=Path)
+    p.add_argument("--layer", choices=["embedding", "features"], default="embedding",
+                   help="penultimate layer (embedding) or pooled conv output (features)")
+    p.add_argument("--no-normalize", action="store_true", help="keep raw (not L2) vectors")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="stored value type (float16 halves the files)")
+    p.add_argument("--shard-size", type=positive_int, default=1024, help="images per part file")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="images per onnxruntime run")
+    p.add_argument("--decode-workers", type=int, default=0,
+                   help="decoding threads per process, 0 = one per core")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="ray: Ray Data map_batches over parts, one model per actor")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--ray-actors", type=positive_int, default=1,
+                   help="Ray actors (model replicas)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def job_options(args: argparse.Namespace, settings: Settings) -> "JobOptions":
+    """The :class:`batch.options.JobOptions` of the flags and ``settings``."""
+    from batch.options import JobOptions
+    from models.decode import DecodeLimits
+    from models.runtime import SessionConfig
+
+    return JobOptions(
+        batch_size=args.batch_size, decode_workers=args.decode_workers or (os.cpu_count() or 1),
+        limits=DecodeLimits.from_settings(settings),
+        session_config=SessionConfig.from_settings(settings), engine=args.engine,
+        ray_address=args.ray_address, ray_actors=args.ray_actors,
+        progress=not args.no_progress)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run (or resume) the job and print its report as JSON; exit 2 on a bad job."""
+    from batch.job import JobMismatchError
+    from batch.runner import run_job
+    from batch.sources import SourceError
+    from models.repository import ModelIntegrityError, ModelNotFoundError, resolve
+
+    name, _, version = (args.model or settings.model_name).partition(":")
+    options = job_options(args, settings)
+    try:
+        model = resolve(args.repository or settings.repository, name,
+                        version or settings.model_version)
+        report = run_job(args.sources, args.out, model, layer=args.layer,
+                         normalize=not args.no_normalize, dtype=args.dtype,
+                         shard_size=args.shard_size, options=options)
+    except (SourceError, JobMismatchError, ModelNotFoundError, ModelIntegrityError) as exc:
+        report_error(f"cnn-codes embed: {exc}")
+        return EXIT_BAD_JOB
+    print(report.model_dump_json())
+    return 0

@@ -1,0 +1,111 @@
+"""Post-processing of model outputs, one copy for every path: softmax, top-k, L2, cosine,
+vector packing (float16 / base64).
+
+Torch-free: numpy only.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Literal
+
+import numpy as np
+
+VectorDType = Literal["float32", "float16"]
+VectorEncoding = Literal["list", "base64"]
+_WIRE_DTYPE = {"float32": "<f4", "float16": "<f2"}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax (numerically stable: the row maximum is subtracted first).
+
+    Args:
+        logits: ``(N, K)`` class scores, any float dtype.
+
+    Returns:
+        ``(N, K)`` float64 probabilities, each row summing to 1.
+    """
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the ``k`` largest values per row, descending.
+
+    Args:
+        scores: ``(N, K)`` any numeric dtype.
+        k: how many per row; clamped to ``K``.
+
+    Returns:
+        ``(N, min(k, K))`` int64; ties keep the lower index first (stable sort).
+    """
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def l2_normalize(matrix: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm; all-zero rows stay zero.
+
+    Args:
+        matrix: ``(N, D)`` any float dtype.
+
+    Returns:
+        ``(N, D)`` float32, L2-normalised.
+    """
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return (matrix / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b``.
+
+    Args:
+        a, b: ``(N, D)`` any float dtype, same shape.
+
+    Returns:
+        ``(N,)`` float64 in [-1, 1]; identical rows (including two zero rows) give 1.0.
+    """
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    same = np.all(a == b, axis=1)
+    return np.where(same, 1.0, (a * b).sum(1) / np.maximum(denom, 1e-300))
+
+
+def prepare_vectors(matrix: np.ndarray, *, normalize: bool,
+                    dtype: VectorDType = "float32") -> np.ndarray:
+    """CNN codes as they are returned or stored: optionally L2-normalised, then rounded.
+
+    Args:
+        matrix: ``(N, D)`` float32 model output (``embedding`` or ``features``).
+        normalize: scale rows to unit L2 norm first (computed in float32).
+        dtype: ``float32`` or ``float16`` (rounded after normalising).
+
+    Returns:
+        ``(N, D)`` little-endian ``float32`` or ``float16``.
+    """
+    matrix = l2_normalize(matrix) if normalize else matrix.astype(np.float32, copy=False)
+    return matrix.astype(_WIRE_DTYPE[dtype], copy=False)
+
+
+def encode_vector(row: np.ndarray, encoding: VectorEncoding) -> list[float] | str:
+    """One vector for a JSON answer: a list of numbers, or base64 of its little-endian bytes.
+
+    Args:
+        row: ``(D,)`` from :func:`prepare_vectors`.
+        encoding: ``list`` or ``base64`` (RFC 4648, standard alphabet, padded).
+
+    Returns:
+        ``list[float]`` or an ASCII base64 string of ``D * itemsize`` bytes.
+    """
+    if encoding == "base64":
+        return base64.b64encode(row.tobytes()).decode("ascii")
+    return row.tolist()
+
+
+def decode_vector(text: str, dtype: VectorDType = "float32") -> np.ndarray:
+    """Inverse of :func:`encode_vector` for ``base64``: ``(D,)`` of ``dtype``.
+
+    Raises:
+        binascii.Error: not valid base64.
+    """
+    return np.frombuffer(base64.b64decode(text), dtype=_WIRE_DTYPE[dtype])

@@ -1,0 +1,184 @@
+"""The one inference core in models/: error table, per-image decode, post-processing, cheap
+alias resolution (hashing only a version about to be loaded)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import models.repository as repository
+from cnn_codes.settings import Settings
+from conftest import REPO_ROOT, base_env
+from models.decode import DecodeLimits, decode_batch, decode_image, read_file
+from models.errors import ERRORS, IMAGE_ERROR_CODES, ImageError, RequestError
+from models.postprocess import (cosine_rows, decode_vector, encode_vector, l2_normalize,
+                                prepare_vectors, softmax, top_k)
+from models.preprocessing import PreprocessSpec
+
+SPEC = PreprocessSpec(resize_size=64, crop_size=56, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+LIMITS = DecodeLimits.from_settings(Settings())
+
+
+def jpeg(data_dir: Path) -> bytes:
+    return sorted((data_dir / "val" / "ants").glob("*.jpg"))[0].read_bytes()
+
+
+def test_error_table_has_both_statuses_for_every_code():
+    import grpc
+
+    for row in ERRORS.values():
+        assert 400 <= row.http_status < 600
+        assert hasattr(grpc.StatusCode, row.grpc_status), row
+    assert {"truncated", "empty", "not_an_image", "decode_failed"} <= IMAGE_ERROR_CODES
+    assert RequestError("too_many_images").http_status == 413
+    assert RequestError("overloaded", headers={"Retry-After": "1"}).grpc_status == \
+        "RESOURCE_EXHAUSTED"
+    with pytest.raises(ValueError):
+        ImageError("overloaded")  # a request code is not a per-image one
+    with pytest.raises(KeyError):
+        RequestError("no_such_code")
+
+
+@pytest.mark.parametrize("cut", [12, 40, 200, 1000])
+def test_cut_jpeg_is_a_per_image_error_not_an_exception(data_dir, cut):
+    with pytest.raises(ImageError) as err:
+        decode_image(jpeg(data_dir)[:cut], SPEC, LIMITS)
+    assert err.value.code in ("truncated", "not_an_image")
+    assert err.value.code == "truncated" or cut <= 12
+
+
+def test_header_only_jpeg_is_truncated(data_dir):
+    # Image.open itself raises OSError("Truncated File Read") for it: the service's 500 before
+    with pytest.raises(ImageError) as err:
+        decode_image(jpeg(data_dir)[:200], SPEC, LIMITS)
+    assert err.value.code == "truncated"
+
+
+def test_decode_batch_keeps_good_images_and_positions(data_dir):
+    good = jpeg(data_dir)
+    seen: list = []
+    batch = decode_batch([good, b"", good[:200], good], SPEC, LIMITS,
+                         observe=lambda code, s: seen.append(code))
+    assert batch.positions == [0, 3] and batch.arrays.shape == (2, 56, 56, 3)
+    assert {i: e.code for i, e in batch.errors.items()} == {1: "empty", 2: "truncated"}
+    assert seen == [None, "empty", "truncated", None]
+    np.testing.assert_array_equal(batch.arrays[0], decode_image(good, SPEC, LIMITS))
+
+
+def test_file_limit_applies_to_bytes(data_dir):
+    small = DecodeLimits(max_pixels=LIMITS.max_pixels, min_side=1, max_file_bytes=100)
+    with pytest.raises(ImageError) as err:
+        decode_image(jpeg(data_dir), SPEC, small)
+    assert err.value.code == "too_large"
+
+
+def test_read_file_refuses_special_and_huge_files(tmp_path):
+    fifo = tmp_path / "f.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError) as err:
+        read_file(fifo, 1000)  # would block forever if opened for reading
+    assert err.value.code == "not_a_file"
+    zero = tmp_path / "z.jpg"
+    zero.symlink_to("/dev/zero")
+    with pytest.raises(ImageError) as err:
+        read_file(zero, 1000)
+    assert err.value.code == "not_a_file"
+    sparse = tmp_path / "sparse.jpg"
+    with open(sparse, "wb") as handle:
+        handle.truncate(8 * 2**30)  # 8 GiB, no blocks on disk
+    with pytest.raises(ImageError) as err:
+        read_file(sparse, 2**20)
+    assert err.value.code == "too_large"
+    with pytest.raises(ImageError) as err:
+        read_file(tmp_path / "missing.jpg", 1000)
+    assert err.value.code == "unreadable"
+    with pytest.raises(ImageError) as err:
+        read_file(tmp_path, 1000)
+    assert err.value.code == "not_a_file"
+
+
+def test_odd_modes_decode(data_dir):
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpeg(data_dir))).convert("CMYK").save(buffer, "JPEG")
+    assert decode_image(buffer.getvalue(), SPEC, LIMITS).shape == (56, 56, 3)
+
+
+def test_postprocess():
+    logits = np.array([[1.0, 3.0, 2.0], [0.0, 0.0, 0.0]], np.float32)
+    probs = softmax(logits)
+    np.testing.assert_allclose(probs.sum(1), 1.0)
+    assert top_k(probs, 2).tolist() == [[1, 2], [0, 1]]  # ties: lower index first
+    unit = l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    np.testing.assert_allclose(unit, [[0.6, 0.8], [0.0, 0.0]])
+    np.testing.assert_allclose(cosine_rows(unit, unit), [1.0, 1.0])
+    half = prepare_vectors(np.array([[3.0, 4.0]], np.float32), normalize=True, dtype="float16")
+    assert half.dtype == np.dtype("<f2")
+    np.testing.assert_array_equal(decode_vector(encode_vector(half[0], "base64"), "float16"),
+                                  half[0])
+    assert encode_vector(half[0], "list") == pytest.approx([0.6, 0.8], abs=1e-3)
+
+
+@pytest.fixture()
+def counted_hashes(monkeypatch) -> list[Path]:
+    calls: list[Path] = []
+    real = repository.sha256_file
+
+    def counting(path):
+        calls.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(repository, "sha256_file", counting)
+    return calls
+
+
+def test_alias_resolution_hashes_nothing_and_reload_hashes_once(published, tmp_path,
+                                                                counted_hashes):
+    from service.served import ModelHolder, Reloader
+
+    repo, name = tmp_path / "repo", published["name"]
+    shutil.copytree(published["repository"], repo)
+    version = published["version"]
+    for _ in range(50):  # what the alias poller does every reload_poll_s
+        assert repository.resolve_version(repo, name, "latest") == version
+    assert counted_hashes == []
+
+    card = repository.resolve(repo, name, version).card
+    assert len(counted_hashes) == 1
+    settings = Settings(repository=repo, model_name=name, model_version="latest")
+    loads: list[int] = []
+
+    async def load(v: int) -> dict:  # the Encoder's load(); here it always succeeds
+        loads.append(v)
+        return {"ok": True, "version": v}
+
+    reloader = Reloader(ModelHolder(card), settings, load)
+    for _ in range(20):
+        assert asyncio.run(reloader.reload())["reloaded"] is False
+    assert len(counted_hashes) == 1 and loads == []
+
+    shutil.copytree(repo / name / str(version), repo / name / str(version + 1))
+    card_file = repo / name / str(version + 1) / "model_card.json"
+    card_file.write_text(card.model_copy(update={"version": version + 1}).model_dump_json())
+    answer = asyncio.run(reloader.reload())
+    assert answer == {"reloaded": True, "previous": version, "version": version + 1}
+    assert len(counted_hashes) == 2 and loads == [version + 1]
+    assert reloader.holder.card.version == version + 1
+
+
+def test_batch_and_models_import_nothing_from_service():
+    code = ("import sys, batch.runner, batch.ray_engine, models.decode, models.runtime, "
+            "models.postprocess, models.errors, models.repository, export.quantize; "
+            "bad = [m for m in sys.modules if m == 'service' or m.startswith('service.')]; "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=base_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
