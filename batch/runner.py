@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 from pydantic import BaseModel
 
 from batch.job import (INPUTS_FILE, DType, EmbedJobSpec, Layer, ShardEmbedder, make_spec,
                        prepare, read_inputs)
-from batch.options import Engine, JobOptions  # noqa: F401 - JobOptions is part of this API
+from batch.options import JobOptions
 from batch.sources import list_inputs
 from models.repository import PublishedModel
 

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import time
 from typing import Any, Sequence
 
-from bench.loadgen import CellResult, summarise
+from bench.loadgen import CellResult, logged, summarise
 from bench.photos import Photo
-
-logger = logging.getLogger(__name__)
 
 GRPC_OPTIONS = [("grpc.max_send_message_length", 64 * 2**20),
                 ("grpc.max_receive_message_length", 64 * 2**20)]
@@ -117,9 +114,5 @@ def run_cell(target: str, requests: Sequence[Any], concurrency: int, *, warmup_s
     """
     if not target.startswith("127.0.0.1:"):
         raise ValueError(f"refusing to send load anywhere but 127.0.0.1: {target}")
-    result = asyncio.run(_run_cell(target, requests, concurrency, warmup_s, duration_s,
-                                   max_requests, timeout_s, drain_s))
-    logger.info("grpc c=%d: %.1f images/s, p50 %.1f ms, p99 %.1f ms, %d errors", concurrency,
-                result.images_per_s, result.latency_ms["p50"], result.latency_ms["p99"],
-                result.errors)
-    return result
+    return logged(asyncio.run(_run_cell(target, requests, concurrency, warmup_s, duration_s,
+                                        max_requests, timeout_s, drain_s)), "grpc ")

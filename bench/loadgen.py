@@ -199,9 +199,13 @@ def run_cell(base_url: str, requests: Sequence[HttpRequest], concurrency: int, *
     """
     if urlsplit(base_url).hostname != "127.0.0.1":
         raise ValueError(f"refusing to send load anywhere but 127.0.0.1: {base_url}")
-    result = asyncio.run(_run_cell(base_url, requests, concurrency, warmup_s, duration_s,
-                                   max_requests, timeout_s, drain_s))
-    logger.info("c=%d: %.1f images/s, p50 %.1f ms, p99 %.1f ms, %d errors", concurrency,
-                result.images_per_s, result.latency_ms["p50"], result.latency_ms["p99"],
-                result.errors)
+    return logged(asyncio.run(_run_cell(base_url, requests, concurrency, warmup_s, duration_s,
+                                        max_requests, timeout_s, drain_s)))
+
+
+def logged(result: CellResult, label: str = "") -> CellResult:
+    """``result``, after logging its headline figures (``label`` starts the line)."""
+    logger.info("%sc=%d: %.1f images/s, p50 %.1f ms, p99 %.1f ms, %d errors", label,
+                result.concurrency, result.images_per_s, result.latency_ms["p50"],
+                result.latency_ms["p99"], result.errors)
     return result

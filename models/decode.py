@@ -38,6 +38,16 @@ logger = logging.getLogger(__name__)
 # Formats the service accepts (Pillow format names); MPO is the multi-picture JPEG of cameras.
 SERVING_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF"})
 
+# Signatures of the served formats: a file that starts like one but that no Pillow plug-in
+# could open is a damaged image (``truncated``), not ``not_an_image``.
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00",
+               b"MM\x00*")
+
+
+def _looks_like_served_image(data: bytes) -> bool:
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
 # What Pillow raises for damaged data, depending on the plug-in and where the data ends.
 _DAMAGED = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError,
             ZeroDivisionError)
@@ -104,6 +114,9 @@ def load_rgb(data: bytes, *, draft_size: int | None = None, max_pixels: int | No
     except ImageError:
         raise
     except UnidentifiedImageError:
+        if _looks_like_served_image(data):
+            raise ImageError("truncated", "the file starts like an image but its data is "
+                                          "incomplete or corrupt") from None
         raise ImageError("not_an_image", "not a recognised image format") from None
     except Image.DecompressionBombError as exc:
         raise ImageError("too_many_pixels", str(exc)) from None

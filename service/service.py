@@ -37,9 +37,9 @@ from service.bentoml_compat import ErrorEnvelopeMiddleware, client_filename  # n
 from service.encoder import Encoder  # noqa: E402
 from service.gateway import Gateway  # noqa: E402
 from service.kserve import grpc_server as kserve_grpc  # noqa: E402
-from service.kserve.http import RequestMetricsMiddleware  # noqa: E402
 from service.kserve.http import routes as kserve_routes  # noqa: E402
 from service.pipeline import InferencePipeline, PipelineResult  # noqa: E402
+from service.request_metrics import RequestMetricsMiddleware  # noqa: E402
 from service.responses import classify_response, embed_response  # noqa: E402
 from service.schemas import (ClassifyResponse, EmbedResponse, Layer, VectorDType,  # noqa: E402
                              VectorEncoding)

@@ -225,3 +225,28 @@ def test_float16_output_halves_the_vectors_and_keeps_them(clean_job, published, 
     for path, row in rows.items():
         np.testing.assert_allclose(np.asarray(row["embedding"], dtype=np.float32),
                                    clean_job["rows"][path]["embedding"], atol=1e-3)
+
+
+def test_special_and_huge_files_are_error_rows_not_a_dead_job(published, data_dir, tmp_path):
+    """A FIFO named f.jpg (would block a reader forever), a symlink to /dev/zero (endless), an
+    8 GiB sparse file and a file over MAX_FILE_BYTES: each is its own error row, the photo
+    beside them is embedded, and the job finishes."""
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    photo = sorted((data_dir / "val" / "ants").glob("*.jpg"))[0]
+    (folder / "photo.jpg").write_bytes(photo.read_bytes())
+    os.mkfifo(folder / "f.jpg")
+    (folder / "z.jpg").symlink_to("/dev/zero")
+    with open(folder / "sparse.jpg", "wb") as handle:
+        handle.truncate(8 * 2**30)
+    (folder / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * (2 * 2**20))
+    out = tmp_path / "out"
+    proc = run_cli(*embed_args(published, folder, out=out),
+                   env=base_env(CNN_CODES_MAX_FILE_BYTES=str(2**20)), timeout=300)
+    assert last_json_line(proc.stdout)["errors"] == 4
+    rows = {Path(path).name: row for path, row in read_job(out).items()}
+    assert {name: row["error_code"] for name, row in rows.items()} == {
+        "photo.jpg": None, "f.jpg": "not_a_file", "z.jpg": "not_a_file",
+        "sparse.jpg": "too_large", "big.png": "too_large"}
+    assert rows["photo.jpg"]["embedding"] is not None
+    assert all(rows[name]["embedding"] is None for name in rows if name != "photo.jpg")

@@ -32,7 +32,6 @@ References: Open Inference Protocol (https://github.com/kserve/open-inference-pr
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from http import HTTPStatus
 from importlib import metadata as importlib_metadata
@@ -45,6 +44,7 @@ from models.card import INPUT_NAME, OUTPUT_NAMES, ModelCard
 from models.errors import RequestError
 from models.postprocess import top_k
 from service import metrics
+from service.kserve import model_config
 from service.kserve.tensors import (InferRequest, InferResponse, InputTensor, OutputTensor,
                                     RequestedOutput, deserialize_bytes)
 from service.pipeline import InferencePipeline
@@ -53,13 +53,10 @@ from service.served import ModelHolder
 logger = logging.getLogger("cnn_codes.kserve")
 
 SERVER_NAME = "cnn-codes"
-PLATFORM = "onnxruntime_onnx"  # Triton's platform name for ONNX Runtime models
-BACKEND = "onnxruntime"
 # Extensions in the sense of ServerMetadata.extensions (Triton's names).
 EXTENSIONS: tuple[str, ...] = ("classification", "model_configuration", "binary_tensor_data")
 ENDPOINT = "infer"  # ``endpoint`` label of the shared image metrics
 
-_CARD_TO_OIP_DTYPE = {"uint8": "UINT8", "float32": "FP32", "float16": "FP16"}
 
 
 class ServedModel(Protocol):
@@ -153,57 +150,23 @@ class InferenceFront:
                 "extensions": list(EXTENSIONS)}
 
     def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
-        """OIP model metadata from the card: ``name``, ``versions``, ``platform``,
-        ``inputs``/``outputs`` as ``{"name", "datatype", "shape"}`` (-1 = any batch size).
-        Outputs are always FP32: the Encoder returns float32 whatever the ONNX precision."""
-        self.resolve(name, version)
-        spec = self.card.inputs[0] if self.card.inputs else None
-        size = self.card.preprocessing.crop_size
-        inputs = [{"name": spec.name if spec else INPUT_NAME,
-                   "datatype": _CARD_TO_OIP_DTYPE.get(spec.dtype, "UINT8") if spec else "UINT8",
-                   "shape": [-1, size, size, 3]}]
-        outputs = [{"name": out, "datatype": "FP32", "shape": [-1, self.card.dim(out)]}
-                   for out in OUTPUT_NAMES]
-        return {"name": self.card.name, "versions": [self.version], "platform": PLATFORM,
-                "inputs": inputs, "outputs": outputs}
+        """OIP model metadata of the served card (see :func:`model_config.model_metadata`).
 
-    def model_config(self, name: str, version: str = "") -> dict[str, Any]:
-        """Triton model configuration (JSON form of ``inference.ModelConfig``) from the card.
-
-        ``max_batch_size`` is the largest N one request may carry
-        (``max_images_per_request``); dims exclude the batch dimension, as Triton's do when
-        ``max_batch_size > 0``. Parameters carry what Triton's schema has no field for
-        (preprocessing, class names, the BYTES form of the input), as strings.
+        Raises:
+            RequestError: ``not_found``.
         """
         self.resolve(name, version)
-        prep = self.card.preprocessing
-        size = prep.crop_size
-        gpu = self.settings.providers and self.settings.providers[0] != "cpu"
-        parameters = {
-            "backbone": self.card.backbone,
-            "precision": self.card.precision,
-            "class_names": json.dumps(self.card.class_names),
-            "preprocessing": prep.model_dump_json(),
-            "onnx_sha256": self.card.onnx_sha256,
-            "input_forms": (f"{INPUT_NAME}: UINT8 [N,{size},{size},3] RGB pixels, or BYTES [N] "
-                            "encoded image files (JPEG, PNG, ...) resized by the server"),
-            "adaptive_batching": (f"BentoML, max_batch_size={self.settings.max_batch_size}, "
-                                  f"max_latency_ms={self.settings.max_latency_ms}"),
-        }
-        return {
-            "name": self.card.name,
-            "platform": PLATFORM,
-            "backend": BACKEND,
-            "max_batch_size": self.settings.max_images_per_request,
-            "input": [{"name": INPUT_NAME, "data_type": "TYPE_UINT8",
-                       "format": "FORMAT_NHWC", "dims": [size, size, 3]}],
-            "output": [{"name": out, "data_type": "TYPE_FP32", "dims": [self.card.dim(out)]}
-                       for out in OUTPUT_NAMES],
-            "dynamic_batching": {"preferred_batch_size": [self.settings.max_batch_size]},
-            "instance_group": [{"name": self.card.name, "count": 1,
-                                "kind": "KIND_GPU" if gpu else "KIND_CPU"}],
-            "parameters": {k: {"string_value": v} for k, v in parameters.items()},
-        }
+        return model_config.model_metadata(self.card)
+
+    def model_config(self, name: str, version: str = "") -> dict[str, Any]:
+        """Triton model configuration of the served card (see
+        :func:`model_config.model_config`).
+
+        Raises:
+            RequestError: ``not_found``.
+        """
+        self.resolve(name, version)
+        return model_config.model_config(self.card, self.settings)
 
     # -- inference -----------------------------------------------------------------------
 
