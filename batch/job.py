@@ -7,11 +7,16 @@ Layout of an output folder ``OUT``::
     OUT/part-00000.parquet rows for inputs [0, S), S = shard size
     OUT/part-00001.parquet rows for inputs [S, 2S) ...
 
+    OUT/_lock              held (``flock``) by the job running on the folder (:mod:`batch.lock`)
+
 Each part is written to a temporary name and renamed into place once complete (an atomic
 ``os.replace`` on POSIX), so a part either exists whole or not at all. A job killed at any
 moment and started again with the same arguments redoes only the missing parts: every input
-appears in exactly one row, whatever crashed and when. Readers take the folder as one dataset
-(``pyarrow.dataset.dataset(OUT)``; files starting with ``_`` are skipped by pyarrow).
+appears in exactly one row, whatever crashed and when. The same holds when the disk fills up
+(:class:`DiskFullError`): the part being written is dropped, the complete ones stay. Only one
+job runs on a folder at a time (:class:`batch.lock.OutputFolderLock`). Readers take the folder
+as one dataset (``pyarrow.dataset.dataset(OUT)``; files starting with ``_`` are skipped by
+pyarrow).
 
 Rows: ``path`` (str), ``embedding`` (``fixed_size_list<float32>[D]``, or ``<float16>`` when
 asked, to halve the storage; L2-normalised unless asked otherwise; null when the image failed),
@@ -24,6 +29,7 @@ Torch-free: onnxruntime, numpy, pillow, pyarrow.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -37,6 +43,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from batch.lock import holds_lock
 from models.decode import DecodeLimits, decode_file
 from models.errors import ImageError
 from models.postprocess import l2_normalize
@@ -52,8 +59,59 @@ Layer = Literal["embedding", "features"]
 DType = Literal["float32", "float16"]
 
 
+#: ``errno`` values of a write that failed for want of space: the device is full, or the
+#: user's or project's disk quota is used up.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 class JobMismatchError(ValueError):
     """The output folder holds a job with a different spec; resuming would mix outputs."""
+
+
+class DiskFullError(OSError):
+    """Writing the output folder failed for want of space (``ENOSPC`` or ``EDQUOT``).
+
+    The parts written so far are complete and kept (each is renamed into place only when
+    whole; the one being written is removed), so the same job run again once there is room
+    writes only the rest.
+
+    Attributes:
+        out_dir: the job's output folder.
+        parts_complete, parts_total: parts of the job on disk and complete, and in the job
+            (None when the disk filled up before the job's spec was known).
+    """
+
+    def __init__(self, out_dir: Path, cause: OSError, parts_complete: int | None,
+                 parts_total: int | None) -> None:
+        reason = os.strerror(cause.errno) if cause.errno else str(cause)
+        where = f" ({cause.filename})" if cause.filename else ""
+        kept = ("the complete parts are kept" if parts_complete is None or parts_total is None
+                else f"{parts_complete} of {parts_total} parts complete and kept")
+        self.message = (f"{reason} writing {out_dir}{where}: {kept}; free some space (or raise "
+                        "the quota) and run the same command again to finish the job")
+        super().__init__(cause.errno, self.message)
+        self.out_dir = out_dir
+        self.parts_complete = parts_complete
+        self.parts_total = parts_total
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The ``ENOSPC``/``EDQUOT`` :class:`OSError` behind ``exc`` (itself, its ``__cause__`` /
+    ``__context__`` chain, or the ``cause`` of a Ray task error), or None."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return current
+        stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    return None
 
 
 class EmbedJobSpec(BaseModel):
@@ -134,13 +192,18 @@ def prepare(out_dir: str | Path, spec: EmbedJobSpec, inputs: Sequence[str]) -> l
     """Create or re-open an output folder; return the indices of parts still to write.
 
     A new folder gets ``_job.json`` and ``_inputs.txt``. An existing one must hold the same
-    job: the same model version, layer, normalisation, shard size and input list.
+    job: the same model version, layer, normalisation, shard size and input list. Temporary
+    files left by a killed run are removed, so the caller must hold the folder's lock
+    (:class:`batch.lock.OutputFolderLock`): they could be another running job's files.
 
     Raises:
         JobMismatchError: the folder holds a different job (each differing field is named).
+        RuntimeError: this process does not hold the folder's lock.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not holds_lock(out):
+        raise RuntimeError(f"prepare({out}) needs the folder's lock: take it with "
+                           "batch.lock.OutputFolderLock first")
     job_file = out / JOB_FILE
     if job_file.is_file():
         stored = EmbedJobSpec.model_validate_json(job_file.read_bytes())
@@ -155,7 +218,7 @@ def prepare(out_dir: str | Path, spec: EmbedJobSpec, inputs: Sequence[str]) -> l
             handle.write("".join(f"{p}\n" for p in inputs).encode("utf-8"))
         with _atomic_file(job_file) as handle:
             handle.write(spec.model_dump_json(indent=2).encode("utf-8"))
-    for stale in out.glob(".*.tmp"):  # a file being written when a run was killed
+    for stale in out.glob(".*.tmp"):  # being written when a run died (we hold the lock)
         stale.unlink(missing_ok=True)
     return [i for i in range(spec.num_shards) if not _part_complete(out, spec, i)]
 
@@ -163,6 +226,11 @@ def prepare(out_dir: str | Path, spec: EmbedJobSpec, inputs: Sequence[str]) -> l
 def read_inputs(out_dir: str | Path) -> list[str]:
     """The input list of the job in ``out_dir`` (``_inputs.txt``)."""
     return (Path(out_dir) / INPUTS_FILE).read_text(encoding="utf-8").splitlines()
+
+
+def count_complete_parts(out_dir: str | Path, spec: EmbedJobSpec) -> int:
+    """Parts of the job in ``out_dir`` that are on disk and complete."""
+    return sum(_part_complete(Path(out_dir), spec, i) for i in range(spec.num_shards))
 
 
 def _part_complete(out: Path, spec: EmbedJobSpec, index: int) -> bool:
@@ -185,13 +253,21 @@ def _part_complete(out: Path, spec: EmbedJobSpec, index: int) -> bool:
 @contextmanager
 def _atomic_file(path: Path) -> Iterator:
     """A binary handle on ``.NAME.tmp`` beside ``path``; synced and renamed to ``path`` on a
-    clean exit, so readers see the whole file or none of it."""
+    clean exit, so readers see the whole file or none of it. On an error (a full disk among
+    them) the temporary file is removed, giving its space back, and the error re-raised."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        yield handle
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("could not remove %s: %s", tmp, exc)
+        raise
 
 
 @dataclass

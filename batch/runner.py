@@ -9,8 +9,9 @@ from typing import Sequence
 
 from pydantic import BaseModel
 
-from batch.job import (INPUTS_FILE, DType, EmbedJobSpec, Layer, ShardEmbedder, make_spec,
-                       prepare, read_inputs)
+from batch.job import (INPUTS_FILE, DiskFullError, DType, EmbedJobSpec, Layer, ShardEmbedder,
+                       count_complete_parts, disk_full_cause, make_spec, prepare, read_inputs)
+from batch.lock import OutputFolderLock
 from batch.options import JobOptions
 from batch.sources import list_inputs
 from models.repository import PublishedModel
@@ -53,23 +54,49 @@ def run_job(sources: Sequence[str | Path], out_dir: str | Path, model: Published
     (new uploads), the stored input list of the first run still defines the job and a warning
     says so; start a new output folder to embed the new files.
 
+    The run holds the folder's lock (:class:`batch.lock.OutputFolderLock`) from start to end:
+    a second job on the same folder is refused at once instead of corrupting this one.
+
     Raises:
         batch.sources.SourceError: a source names nothing.
         batch.job.JobMismatchError: ``out_dir`` holds a different job.
+        batch.lock.JobLockedError: another job is running on ``out_dir``.
+        batch.job.DiskFullError: the disk (or quota) of ``out_dir`` filled up; the complete
+            parts are kept and a later run finishes the job.
         models.runtime.ProviderUnavailableError: requested execution provider missing.
     """
     started = time.perf_counter()
-    inputs = list_inputs(sources)
     out = Path(out_dir)
-    if (out / INPUTS_FILE).is_file():
-        stored = read_inputs(out)
-        if stored != inputs:
-            logger.warning("the sources now list %d files, the job in %s has %d; finishing "
-                           "the stored list (a new output folder embeds the new files)",
-                           len(inputs), out, len(stored))
-            inputs = stored
-    spec = make_spec(model, inputs, layer=layer, normalize=normalize, shard_size=shard_size,
-                     dtype=dtype)
+    # an existing folder is locked before the (maybe long) listing, so a busy one is refused at
+    # once; a new one only after it, so that a bad source leaves no empty folder behind
+    inputs = None if out.is_dir() else list_inputs(sources)
+    spec: EmbedJobSpec | None = None
+    try:
+        with OutputFolderLock(out):
+            if inputs is None:
+                inputs = list_inputs(sources)
+            if (out / INPUTS_FILE).is_file():
+                stored = read_inputs(out)
+                if stored != inputs:
+                    logger.warning("the sources now list %d files, the job in %s has %d; "
+                                   "finishing the stored list (a new output folder embeds the "
+                                   "new files)", len(inputs), out, len(stored))
+                    inputs = stored
+            spec = make_spec(model, inputs, layer=layer, normalize=normalize,
+                             shard_size=shard_size, dtype=dtype)
+            return _run_locked(out, model, spec, inputs, options, started)
+    except Exception as exc:
+        cause = disk_full_cause(exc)
+        if cause is None or isinstance(exc, DiskFullError):
+            raise
+        complete = count_complete_parts(out, spec) if spec is not None else None
+        raise DiskFullError(out, cause, complete,
+                            spec.num_shards if spec is not None else None) from exc
+
+
+def _run_locked(out: Path, model: PublishedModel, spec: EmbedJobSpec, inputs: list[str],
+                options: JobOptions, started: float) -> JobReport:
+    """The body of :func:`run_job`, run holding the folder's lock."""
     pending = prepare(out, spec, inputs)
     done_images = spec.num_inputs - sum(spec.shard_rows(i) for i in pending)
     logger.info("job %s: %d inputs in %d parts, %d to write, model %s:%d", out,

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Provider = Literal["tensorrt", "cuda", "cpu"]
@@ -84,6 +84,15 @@ class Settings(BaseSettings):
             against images the calibration did not cover, not a quality bar).
         variant_min_top1_agreement: smallest fraction of images whose top-1 class agrees.
         variant_max_prob_diff: largest absolute difference of any class probability.
+        readiness_timeout_s: ``/readyz`` answers within about this many seconds: the canary
+            inference and BentoML's probe of the Encoder each get this long, then 503.
+        max_worker_failures: ``cnn-codes serve`` stops (exit status 4) when service workers
+            died this many times within ``worker_failure_window_s`` (a crash loop, e.g. a
+            model that became unloadable after the pre-flight); 0 = restart them forever.
+        worker_failure_window_s: the window, seconds, of ``max_worker_failures``.
+        tmp_dir: the service's own temporary folder (uploads are written there; emptied at
+            start-up, removed at exit); None = ``<system temp>/cnn-codes-tmp-<hash of
+            BENTOML_HOME>`` (one per instance, short enough for BentoML's Unix sockets).
     """
 
     model_config = SettingsConfigDict(env_prefix="CNN_CODES_", extra="ignore")
@@ -131,3 +140,14 @@ class Settings(BaseSettings):
     variant_min_cosine_floor: float = Field(default=0.80, ge=-1, le=1)
     variant_min_top1_agreement: float = Field(default=0.98, ge=0, le=1)
     variant_max_prob_diff: float = Field(default=0.05, ge=0, le=1)
+    readiness_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    max_worker_failures: int = Field(default=5, ge=0)
+    worker_failure_window_s: float = Field(default=60.0, gt=0)
+    tmp_dir: Path | None = None
+
+    @field_validator("model_name")
+    @classmethod
+    def _valid_model_name(cls, value: str) -> str:
+        from models.repository import check_name
+
+        return check_name(value)

@@ -8,6 +8,7 @@ never visible to a reader.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -43,9 +44,30 @@ class PublishedModel:
         return self.path / ONNX_FILENAME
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid model name (:data:`NAME_PATTERN`: letters, digits, ``_ . -``,
+    starting with a letter or digit), so it can never leave the repository (no ``/``, no
+    ``..`` component).
+
+    Raises:
+        ValueError: naming the refused name and the pattern.
+    """
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+        raise ValueError(f"invalid model name {name!r}: use letters, digits, '_', '.', '-' "
+                         "(starting with a letter or digit, at most 128 characters)")
+    return name
+
+
 def list_versions(repository: str | Path, name: str) -> list[int]:
-    """Published versions of ``name``, ascending; hidden staging folders are ignored."""
-    root = Path(repository) / name
+    """Published versions of ``name``, ascending; hidden staging folders are ignored.
+
+    Raises:
+        ValueError: ``name`` is not a valid model name (see :func:`check_name`).
+    """
+    root = Path(repository) / check_name(name)
     if not root.is_dir():
         return []
     return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
@@ -66,7 +88,7 @@ ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
 
 def read_aliases(repository: str | Path, name: str) -> dict[str, int]:
     """Aliases of ``name`` (e.g. ``{"production": 3}``) from ``<name>/aliases.json``."""
-    path = Path(repository) / name / ALIASES_FILENAME
+    path = Path(repository) / check_name(name) / ALIASES_FILENAME
     if not path.is_file():
         return {}
     return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
@@ -79,7 +101,7 @@ def set_alias(repository: str | Path, name: str, alias: str, version: int) -> Pu
         ValueError: the alias is not a lowercase name, or is ``latest`` / a number.
         ModelNotFoundError, ModelIntegrityError: the version is missing or corrupt.
     """
-    if not re.match(ALIAS_PATTERN, alias) or alias == "latest":
+    if not re.fullmatch(ALIAS_PATTERN, alias) or alias == "latest":
         raise ValueError(f"invalid alias {alias!r}: lowercase letters, digits, '-', '_'")
     published = resolve(repository, name, version)
     aliases = read_aliases(repository, name) | {alias: published.card.version}
@@ -168,10 +190,42 @@ def resolve(repository: str | Path, name: str, version: int | str = "latest") ->
                   expected_version=chosen)
 
 
+CARD_CHECKSUM_FILENAME = CARD_FILENAME + ".sha256"
+
+
+def seal_card(folder: str | Path) -> str:
+    """Write the checksum that covers ``folder/model_card.json`` (``model_card.json.sha256``:
+    the hex sha256 of the card's bytes, as ``sha256sum`` prints it). :func:`publish` seals every
+    version it writes.
+
+    Returns:
+        The hex digest.
+    """
+    folder = Path(folder)
+    digest = hashlib.sha256((folder / CARD_FILENAME).read_bytes()).hexdigest()
+    (folder / CARD_CHECKSUM_FILENAME).write_text(f"{digest}  {CARD_FILENAME}\n")
+    return digest
+
+
+def _check_card_checksum(folder: Path, card_bytes: bytes) -> None:
+    checksum = folder / CARD_CHECKSUM_FILENAME
+    if not checksum.is_file():
+        logger.warning("%s has no %s (published before cards were sealed): the card is not "
+                       "covered by a checksum; re-publish it", folder, CARD_CHECKSUM_FILENAME)
+        return
+    expected = checksum.read_text().split()[0] if checksum.read_text().split() else ""
+    digest = hashlib.sha256(card_bytes).hexdigest()
+    if digest != expected:
+        raise ModelIntegrityError(f"{folder / CARD_FILENAME} sha256 {digest} does not match "
+                                  f"{CARD_CHECKSUM_FILENAME} ({expected or 'empty'}): the card "
+                                  "changed after it was published")
+
+
 def verify(
     path: str | Path, *, expected_name: str | None = None, expected_version: int | None = None
 ) -> PublishedModel:
-    """Check a version folder: card parses, names match, ONNX sha256 and size match the card.
+    """Check a version folder: the card's own checksum, the card parses, names match, the ONNX
+    file's sha256 matches the card.
 
     Raises:
         ModelIntegrityError: with the reason.
@@ -180,8 +234,10 @@ def verify(
     card_path, onnx_path = path / CARD_FILENAME, path / ONNX_FILENAME
     if not card_path.is_file() or not onnx_path.is_file():
         raise ModelIntegrityError(f"{path} lacks {CARD_FILENAME} or {ONNX_FILENAME}")
+    card_bytes = card_path.read_bytes()
+    _check_card_checksum(path, card_bytes)
     try:
-        card = ModelCard.model_validate_json(card_path.read_bytes())
+        card = ModelCard.model_validate_json(card_bytes)
     except ValueError as exc:
         raise ModelIntegrityError(f"invalid model card {card_path}: {exc}") from None
     if expected_name is not None and card.name != expected_name:
@@ -220,7 +276,7 @@ def publish(
     """
     if sha256_file(onnx_file) != card.onnx_sha256:
         raise ModelIntegrityError(f"{onnx_file} does not match the card's sha256")
-    root = Path(repository) / card.name
+    root = Path(repository) / check_name(card.name)
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".staging-{uuid.uuid4().hex}"
     staging.mkdir()
@@ -230,6 +286,7 @@ def publish(
             version = (list_versions(repository, card.name) or [0])[-1] + 1
             final = card.model_copy(update={"version": version})
             (staging / CARD_FILENAME).write_text(final.model_dump_json(indent=2))
+            seal_card(staging)
             _fsync_dir_files(staging)
             try:
                 os.rename(staging, root / str(version))

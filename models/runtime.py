@@ -186,6 +186,44 @@ def open_session(onnx_path: str | Path, config: SessionConfig = SessionConfig(),
     return session
 
 
+class CardMismatchError(ValueError):
+    """A model card does not describe its ONNX graph (input, output names or dims)."""
+
+
+def check_card_against_graph(card: ModelCard, session) -> None:
+    """Check the card against the graph onnxruntime loaded: input name, dtype and shape
+    ``(N, S, S, 3)`` uint8 with ``S = card.preprocessing.crop_size``; outputs
+    ``logits``/``embedding``/``features`` with the card's dims; K = number of class names.
+
+    Raises:
+        CardMismatchError: naming every difference.
+    """
+    problems: list[str] = []
+    inputs = session.get_inputs()
+    size = card.preprocessing.crop_size
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        problems.append(f"graph inputs {[i.name for i in inputs]}, card expects [{INPUT_NAME!r}]")
+    else:
+        graph = inputs[0]
+        if graph.type != "tensor(uint8)":
+            problems.append(f"input {INPUT_NAME!r} is {graph.type}, card says uint8")
+        if list(graph.shape[1:]) != [size, size, 3]:
+            problems.append(f"input shape {graph.shape}, card says [N, {size}, {size}, 3]")
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    for name in OUTPUT_NAMES:
+        if name not in outputs:
+            problems.append(f"graph has no output {name!r}")
+        elif outputs[name][-1] != card.dim(name):
+            problems.append(f"output {name!r} has {outputs[name][-1]} values, card says "
+                            f"{card.dim(name)}")
+    if card.dim("logits") != len(card.class_names):
+        problems.append(f"card lists {len(card.class_names)} class names for "
+                        f"{card.dim('logits')} logits")
+    if problems:
+        raise CardMismatchError(f"the card of {card.name}:{card.version} does not describe its "
+                                f"ONNX graph: {'; '.join(problems)}")
+
+
 @dataclass
 class OnnxEncoder:
     """An onnxruntime session over a published model: the inference core.
@@ -205,8 +243,10 @@ class OnnxEncoder:
 
         Raises:
             ProviderUnavailableError: see :func:`open_session`.
+            CardMismatchError: the card does not describe the graph.
         """
         session = open_session(onnx_path, config, card=card)
+        check_card_against_graph(card, session)
         logger.info("onnxruntime session for %s:%d on %s", card.name, card.version,
                     session.get_providers())
         return cls(session=session, card=card)

@@ -250,3 +250,198 @@ def test_special_and_huge_files_are_error_rows_not_a_dead_job(published, data_di
         "sparse.jpg": "too_large", "big.png": "too_large"}
     assert rows["photo.jpg"]["embedding"] is not None
     assert all(rows[name]["embedding"] is None for name in rows if name != "photo.jpg")
+
+
+def photo_manifest(data_dir: Path, folder: Path, count: int) -> Path:
+    """A manifest of ``count`` distinct inputs: symlinks in ``folder`` to the val photos,
+    cycled (the job's input list is de-duplicated, so repeating a path would not add inputs)."""
+    photos = sorted((data_dir / "val").rglob("*.jpg"))
+    folder.mkdir()
+    lines = []
+    for i in range(count):
+        link = folder / f"{i:05d}.jpg"
+        link.symlink_to(photos[i % len(photos)])
+        lines.append(f"{link}\n")
+    manifest = folder.parent / f"{folder.name}.txt"
+    manifest.write_text("".join(lines))
+    return manifest
+
+
+def refusal_line(stderr: str) -> str:
+    """The one line of a refused job's stderr that says why."""
+    lines = [line for line in stderr.splitlines() if line.startswith("cnn-codes embed:")]
+    assert len(lines) == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def test_second_job_on_a_busy_folder_is_refused_and_the_first_finishes(published, data_dir,
+                                                                      tmp_path):
+    """Two jobs on one folder: the second used to delete the first's temporary part (the
+    stale-temp clean-up) and the first died with a FileNotFoundError. Now the second is refused
+    at once, exit 2, naming the holder's PID and the folder, and the first finishes whole."""
+    import socket
+
+    count = 1200
+    manifest = photo_manifest(data_dir, tmp_path / "many", count)
+    out = tmp_path / "out"
+    args = embed_args(published, manifest, out=out, shard_size="40", batch_size="2",
+                      decode_workers="1")
+    first = subprocess.Popen([*CLI, *args], env=base_env(), cwd=REPO_ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "part-00000.parquet").exists():  # the first job is writing parts
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no part written in 300 s"
+            time.sleep(0.02)
+        second = subprocess.run([*CLI, *args], env=base_env(), cwd=REPO_ROOT, text=True,
+                                capture_output=True, timeout=300)
+        assert first.poll() is None, "the first job ended before the second one started"
+        assert second.returncode == 2, second.stderr[-3000:]
+        line = refusal_line(second.stderr)
+        assert f"PID {first.pid} on {socket.gethostname()}" in line and str(out) in line
+        assert "in use by another job" in line
+        assert json.loads((out / "_lock").read_text())["pid"] == first.pid
+        stdout, stderr = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 0, stderr[-3000:]
+    report = last_json_line(stdout)
+    assert report["images"] == count and report["errors"] == 0
+    assert report["parts_written"] == report["parts_total"] == count // 40
+    rows = read_job(out)  # one row per input, none twice
+    assert sorted(rows) == sorted(manifest.read_text().splitlines())
+    assert all(row["embedding"] is not None for row in rows.values())
+    assert not list(out.glob(".*.tmp"))
+    # the lock went with the first job: the folder is free again
+    again = last_json_line(run_cli(*args).stdout)
+    assert again["parts_written"] == 0 and again["parts_skipped"] == count // 40
+
+
+def test_folder_lock_is_released_when_its_holder_is_killed(published, data_dir, tmp_path):
+    """A live holder keeps the folder (and its temporary files) from other jobs; once it is
+    SIGKILLed the kernel drops its flock and a job runs, clearing the dead one's temp file."""
+    import socket
+
+    manifest = photo_manifest(data_dir, tmp_path / "few", 12)
+    out = tmp_path / "out"
+    args = embed_args(published, manifest, out=out, shard_size="5")
+    holder = subprocess.Popen(
+        [*CLI[:1], "-c", "import sys, time\nfrom batch.lock import OutputFolderLock\n"
+         "OutputFolderLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(600)",
+         str(out)], env=base_env(), cwd=REPO_ROOT, text=True, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        record = json.loads((out / "_lock").read_text())  # who holds it, for the refusal
+        assert (record["pid"], record["host"]) == (holder.pid, socket.gethostname())
+        in_progress = out / ".part-00000.parquet.tmp"  # the holder's part being written
+        in_progress.write_bytes(b"not yet a parquet file")
+        refused = subprocess.run([*CLI, *args], env=base_env(), cwd=REPO_ROOT, text=True,
+                                 capture_output=True, timeout=300)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert f"PID {holder.pid}" in refusal_line(refused.stderr)
+        assert in_progress.read_bytes() == b"not yet a parquet file"
+        assert not list(out.glob("part-*"))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate()
+    report = last_json_line(run_cli(*args).stdout)  # the dead holder's lock is gone
+    assert report["parts_written"] == report["parts_total"] == 3 and report["images"] == 12
+    assert sorted(read_job(out)) == sorted(manifest.read_text().splitlines())
+    assert not in_progress.exists()  # stale now, so removed by the job holding the lock
+
+
+# Runs `cnn-codes ARGS` in a process whose disk under FULL_DISK_DIR has FULL_DISK_BYTES free:
+# the raw file writes there (what write(2) would do) store what fits, then fail with ENOSPC.
+FULL_DISK_WRAPPER = '''\
+import builtins, errno, io, os, runpy, sys
+
+ROOT = os.path.realpath(os.environ["FULL_DISK_DIR"]) + os.sep
+free = [int(os.environ["FULL_DISK_BYTES"])]
+
+
+class FullDiskFile(io.FileIO):
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        if free[0] <= 0 and len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written = super().write(data[:free[0]])
+        free[0] -= written
+        return written
+
+
+real_open = builtins.open
+
+
+def open(file, mode="r", buffering=-1, *args, **kwargs):
+    if (isinstance(file, (str, os.PathLike)) and mode in ("wb", "xb", "ab")
+            and os.path.realpath(file).startswith(ROOT)):
+        raw = FullDiskFile(file, mode)
+        return raw if buffering == 0 else io.BufferedWriter(raw)
+    return real_open(file, mode, buffering, *args, **kwargs)
+
+
+builtins.open = open
+sys.argv[0] = "cnn-codes"
+runpy.run_module("cnn_codes.cli", run_name="__main__", alter_sys=True)
+'''
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "injected"])
+def test_full_disk_is_one_line_and_exit_3_and_a_rerun_completes(disk, published, data_dir,
+                                                                tmp_path):
+    """The output disk fills up mid-job: exit 3 and one line naming the problem and the
+    folder (was: a traceback, exit 1); the complete parts stay valid, the half-written one is
+    gone, and the same command, once there is room, writes only the rest.
+
+    ``tmpfs``: a real 256 KiB tmpfs (needs mount rights: root; skipped without), grown with a
+    remount afterwards. ``injected``: any machine; file writes under OUT store what fits in
+    256 KiB, then fail with ENOSPC, as write(2) does on a full disk."""
+    import pyarrow.parquet as pq
+
+    manifest = photo_manifest(data_dir, tmp_path / "photos", 100)
+    out = tmp_path / "disk" / "out"
+    out.parent.mkdir()
+    args = embed_args(published, manifest, out=out, shard_size="20")
+    command, env = [*CLI, *args], base_env()
+    if disk == "tmpfs":
+        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs",
+                                str(out.parent)], capture_output=True, text=True)
+        if mount.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    else:
+        wrapper = tmp_path / "full_disk.py"
+        wrapper.write_text(FULL_DISK_WRAPPER)
+        command = [CLI[0], str(wrapper), *args]
+        env = base_env(FULL_DISK_DIR=str(out.parent), FULL_DISK_BYTES=str(256 * 1024))
+    try:
+        full = subprocess.run(command, env=env, cwd=REPO_ROOT, text=True, capture_output=True,
+                              timeout=600)
+        assert full.returncode == 3, full.stderr[-3000:]
+        line = refusal_line(full.stderr)
+        assert "No space left on device" in line and str(out) in line
+        assert "run the same command again" in line
+        kept = sorted(out.glob("part-*.parquet"))
+        assert 1 <= len(kept) < 5, kept
+        assert f"{len(kept)} of 5 parts complete" in line
+        assert not list(out.glob(".*.tmp"))  # the part being written was removed
+        for part in kept:  # what is there is whole
+            assert pq.read_table(part).num_rows == 20
+        before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept}
+        if disk == "tmpfs":  # make room
+            subprocess.run(["mount", "-o", "remount,size=8m", str(out.parent)], check=True)
+        report = last_json_line(run_cli(*args).stdout)
+        assert report["parts_skipped"] == len(kept)
+        assert report["parts_written"] == 5 - len(kept)
+        assert report["images"] == 100 - 20 * len(kept) and report["errors"] == 0
+        for name, stat in before.items():
+            assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == stat
+        rows = read_job(out)
+        assert sorted(rows) == sorted(manifest.read_text().splitlines())
+        assert all(row["embedding"] is not None for row in rows.values())
+    finally:
+        if disk == "tmpfs":
+            subprocess.run(["umount", "-l", str(out.parent)], check=False)

@@ -168,6 +168,7 @@ def test_alias_resolution_hashes_nothing_and_reload_hashes_once(published, tmp_p
     shutil.copytree(repo / name / str(version), repo / name / str(version + 1))
     card_file = repo / name / str(version + 1) / "model_card.json"
     card_file.write_text(card.model_copy(update={"version": version + 1}).model_dump_json())
+    repository.seal_card(card_file.parent)
     answer = asyncio.run(reloader.reload())
     assert answer == {"reloaded": True, "previous": version, "version": version + 1}
     assert len(counted_hashes) == 2 and loads == [version + 1]
@@ -182,3 +183,57 @@ def test_batch_and_models_import_nothing_from_service():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=base_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_changed_card_fails_verify_and_the_graph_check(published, tmp_path):
+    from models.repository import ModelIntegrityError
+    from models.runtime import CardMismatchError, OnnxEncoder
+
+    repo, name, version = tmp_path / "repo", published["name"], published["version"]
+    shutil.copytree(published["repository"], repo)
+    folder = repo / name / str(version)
+    good = (folder / "model_card.json").read_text()
+    assert (folder / "model_card.json.sha256").is_file()  # sealed at publish
+    size = repository.resolve(repo, name, version).card.preprocessing.resize_size
+    flipped = good.replace(f'"resize_size": {size}', f'"resize_size": {size + 1}')
+    assert flipped != good
+    (folder / "model_card.json").write_text(flipped)
+    with pytest.raises(ModelIntegrityError, match="changed after it was published"):
+        repository.resolve(repo, name, version)
+    proc = subprocess.run([sys.executable, "-m", "cnn_codes.cli", "models", "verify",
+                           f"{name}:{version}", "--repository", str(repo)], cwd=REPO_ROOT,
+                          env=base_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "changed after it was published" in proc.stderr
+
+    # a card that passes its checksum (re-sealed) but lies about the graph is refused at load
+    (folder / "model_card.json").write_text(good)
+    card = repository.resolve(repo, name, version).card
+    embedding = card.output("embedding")
+    wrong = card.model_copy(update={"outputs": [
+        o if o.name != "embedding" else o.model_copy(update={"shape": [-1, embedding.shape[-1] + 1]})
+        for o in card.outputs]})
+    with pytest.raises(CardMismatchError, match="'embedding' has"):
+        OnnxEncoder.create(str(folder / "model.onnx"), wrong)
+    more = card.model_copy(update={"class_names": [*card.class_names, "wasps"]})
+    with pytest.raises(CardMismatchError, match="class names"):
+        OnnxEncoder.create(str(folder / "model.onnx"), more)
+
+
+def test_model_names_cannot_leave_the_repository(published, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(published["repository"], repo)
+    outside = tmp_path / "elsewhere" / "x" / "1"
+    outside.mkdir(parents=True)
+    (outside / "keep.txt").write_text("not a model")
+    proc = subprocess.run([sys.executable, "-m", "cnn_codes.cli", "models", "remove",
+                           "../elsewhere/x:1", "--repository", str(repo), "--force"],
+                          cwd=REPO_ROOT, env=base_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "invalid model name" in proc.stderr
+    assert (outside / "keep.txt").is_file()
+    for bad in ("../x", "a/b", "", ".hidden", "x" * 200):
+        with pytest.raises(ValueError, match="invalid model name"):
+            repository.check_name(bad)
+        with pytest.raises(ValueError):
+            Settings(model_name=bad)
+    assert repository.check_name("ants-bees") == "ants-bees"

@@ -22,6 +22,7 @@ import pytest
 from conftest import CLI, REPO_ROOT, Server, base_env, last_json_line, run_cli
 from models.card import ModelCard
 from models.decode import decode_file
+from models.repository import seal_card
 
 ADMIN = "admin-key-for-tests-0001"
 TIMEOUT = httpx.Timeout(60.0)
@@ -78,6 +79,7 @@ def make_bad_version(repository: Path, name: str, version: int, *, corrupt: bool
     else:
         card["class_names"] = ["wasps", "hornets"]
     (target / "model_card.json").write_text(json.dumps(card))
+    seal_card(target)  # as a publisher would: the card itself is consistent
 
 
 def point_alias(repository: Path, name: str, version: int) -> None:

@@ -1,7 +1,6 @@
 """``cnn-codes embed``: batch job, images -> Parquet CNN codes, resumable (see :mod:`batch.job`).
 
-Exit 0 done (failed images are rows with an ``error_code``, not a failed job); 2 bad sources,
-unknown model or an output folder holding another job.
+Exit statuses: see :data:`EXIT_STATUSES` (also the command's ``--help``).
 """
 
 from __future__ import annotations
@@ -17,13 +16,30 @@ from cnn_codes.settings import Settings
 if TYPE_CHECKING:
     from batch.options import JobOptions
 
+EXIT_OK = 0
 EXIT_BAD_JOB = 2
+EXIT_DISK_FULL = 3
+
+EXIT_STATUSES = f"""\
+exit status:
+  {EXIT_OK}  done; images that failed are rows with an error_code, not a failed job
+  1  unexpected error (a traceback; e.g. a missing execution provider)
+  {EXIT_BAD_JOB}  bad arguments, a source that names nothing, unknown model or damaged model
+     files, OUT holding another job (other model, layer, ...), or OUT in use by a job
+     running now (its PID and host are named; one job per output folder at a time)
+  {EXIT_DISK_FULL}  no space left on OUT's disk (ENOSPC) or disk quota exceeded (EDQUOT); the
+     complete parts are kept: free space and run the same command again to finish
+"""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``embed SOURCES... --out DIR`` on ``subparsers``."""
     p = subparsers.add_parser("embed",
-                              help="batch job: CNN codes of many images -> Parquet, resumable")
+                              help="batch job: CNN codes of many images -> Parquet, resumable",
+                              description="Batch job: CNN codes of many images -> Parquet "
+                                          "parts in OUT, resumable (run it again to finish).",
+                              epilog=EXIT_STATUSES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+",
                    help="directories, glob patterns, or manifests (.txt a path per line; "
                         ".csv/.parquet with a 'path' column)")
@@ -66,8 +82,10 @@ def job_options(args: argparse.Namespace, settings: Settings) -> "JobOptions":
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Run (or resume) the job and print its report as JSON; exit 2 on a bad job."""
-    from batch.job import JobMismatchError
+    """Run (or resume) the job and print its report as JSON; returns the exit status
+    (:data:`EXIT_STATUSES`): 2 on a bad or busy job, 3 on a full disk."""
+    from batch.job import DiskFullError, JobMismatchError
+    from batch.lock import JobLockedError
     from batch.runner import run_job
     from batch.sources import SourceError
     from models.repository import ModelIntegrityError, ModelNotFoundError, resolve
@@ -80,8 +98,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         report = run_job(args.sources, args.out, model, layer=args.layer,
                          normalize=not args.no_normalize, dtype=args.dtype,
                          shard_size=args.shard_size, options=options)
-    except (SourceError, JobMismatchError, ModelNotFoundError, ModelIntegrityError) as exc:
+    except (SourceError, JobMismatchError, JobLockedError, ModelNotFoundError,
+            ModelIntegrityError) as exc:
         report_error(f"cnn-codes embed: {exc}")
         return EXIT_BAD_JOB
+    except DiskFullError as exc:
+        report_error(f"cnn-codes embed: {exc}")
+        return EXIT_DISK_FULL
     print(report.model_dump_json())
-    return 0
+    return EXIT_OK
