@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pyarrow.dataset as pads
 import pytest
 
@@ -23,6 +22,8 @@ from batch.sources import SourceError, list_inputs
 from conftest import CLI, REPO_ROOT, base_env, last_json_line, run_cli
 from models.card import ModelCard
 from models.decode import decode_file
+from models.postprocess import l2_normalize
+from models.runtime import open_session
 
 SHARD = 40
 
@@ -85,16 +86,14 @@ def test_every_input_is_one_row_and_equals_onnxruntime(clean_job, published, dat
         f"part-{i:05d}.parquet" for i in range(report["parts_total"])]
 
     card = ModelCard.model_validate_json((published["path"] / "model_card.json").read_text())
-    session = ort.InferenceSession(str(published["path"] / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = open_session(str(published["path"] / "model.onnx"))
     photos = sorted(p for p in rows if p.startswith(str(data_dir / "val")))
     for path in [str(gif), *photos[::30]]:
         row = rows[path]
         assert row["error_code"] is None and row["model_version"] == published["version"]
         assert row["model_name"] == published["name"]
         image = decode_file(path, card.preprocessing)[None]
-        direct = session.run(["embedding"], {"images": image})[0][0]
-        direct = direct / np.linalg.norm(direct)
+        direct = l2_normalize(session.run(["embedding"], {"images": image})[0])[0]
         got = np.asarray(row["embedding"], dtype=np.float32)
         assert got.shape == (card.dim("embedding"),)
         np.testing.assert_allclose(got, direct, atol=2e-5)
@@ -297,8 +296,8 @@ def test_second_job_on_a_busy_folder_is_refused_and_the_first_finishes(published
             time.sleep(0.02)
         second = subprocess.run([*CLI, *args], env=base_env(), cwd=REPO_ROOT, text=True,
                                 capture_output=True, timeout=300)
-        assert first.poll() is None, "the first job ended before the second one started"
         assert second.returncode == 2, second.stderr[-3000:]
+        assert first.poll() is None, "the first job ended before the second one was refused"
         line = refusal_line(second.stderr)
         assert f"PID {first.pid} on {socket.gethostname()}" in line and str(out) in line
         assert "in use by another job" in line

@@ -31,7 +31,6 @@ from pathlib import Path
 import grpc
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
@@ -45,6 +44,7 @@ from cnn_codes.settings import Settings
 from conftest import REPO_ROOT, Server, base_env, free_port, metric
 from models.card import OUTPUT_NAMES, ModelCard
 from models.decode import decode_file
+from models.runtime import open_session
 
 KEY = "grpc-test-key-0123456789"
 METADATA = (("authorization", f"Bearer {KEY}"),)
@@ -132,8 +132,7 @@ def health_status(target: str, service: str, timeout: float = 5) -> str:
 
 def onnx_outputs(published: dict, batch: np.ndarray) -> dict[str, np.ndarray]:
     """onnxruntime run directly on the published model."""
-    session = ort.InferenceSession(str(published["path"] / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = open_session(str(published["path"] / "model.onnx"))
     return dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {"images": batch})))
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from conftest import CLI, REPO_ROOT, Server, base_env, last_json_line, run_cli
 from models.card import ModelCard
 from models.decode import decode_file
 from models.repository import seal_card
+from models.runtime import open_session
 
 ADMIN = "admin-key-for-tests-0001"
 TIMEOUT = httpx.Timeout(60.0)
@@ -125,8 +125,7 @@ def test_hot_reload_follows_alias_without_failed_requests(repo_two_versions, dat
         # the new weights really compute: HTTP equals onnxruntime on version 2
         card = ModelCard.model_validate_json(
             (repository / name / "2" / "model_card.json").read_text())
-        session = ort.InferenceSession(str(repository / name / "2" / "model.onnx"),
-                                       providers=["CPUExecutionProvider"])
+        session = open_session(str(repository / name / "2" / "model.onnx"))
         expected = session.run(["embedding"], {"images": decode_file(
             str(image), card.preprocessing)[None]})[0][0]
         got = np.array(embed(server.url, image).json()["results"][0]["embedding"])

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from conftest import metric
 from models.card import ModelCard
 from models.decode import decode_file
+from models.postprocess import l2_normalize
+from models.runtime import open_session
 
 TIMEOUT = httpx.Timeout(120.0)
 
@@ -41,15 +42,10 @@ def multipart(paths: list[Path], extra: list[tuple[str, bytes]] = ()) -> list:
 def onnx_reference(published: dict, paths: list[Path]) -> tuple[ModelCard, dict[str, np.ndarray]]:
     """onnxruntime run directly on the published model with the shared preprocessing."""
     card = ModelCard.model_validate_json((published["path"] / "model_card.json").read_text())
-    session = ort.InferenceSession(str(published["path"] / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = open_session(str(published["path"] / "model.onnx"))
     batch = np.stack([decode_file(str(p), card.preprocessing) for p in paths])
     names = ["logits", "embedding", "features"]
     return card, dict(zip(names, session.run(names, {"images": batch})))
-
-
-def l2(matrix: np.ndarray) -> np.ndarray:
-    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
 
 def test_metadata_matches_card(server, published):
@@ -80,7 +76,7 @@ def test_embed_equals_onnxruntime_on_real_images(server, published, data_dir, la
     got = np.array([r["embedding"] for r in body["results"]], dtype=np.float64)
     assert got.shape == (len(paths), card.dim(layer))
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
-    cosine = (got * l2(reference[layer].astype(np.float64))).sum(axis=1)
+    cosine = (got * l2_normalize(reference[layer].astype(np.float64))).sum(axis=1)
     assert cosine.min() > 0.9999, cosine
     after = metric(server.url, "cnn_codes_images_total", endpoint="embed", outcome="ok")
     assert after - before == len(paths)

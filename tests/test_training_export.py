@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -17,6 +16,7 @@ from export.onnx_export import load_run_checkpoint, model_from_checkpoint
 from models.card import ModelCard
 from models.repository import (ModelIntegrityError, ModelNotFoundError, list_versions, resolve,
                                verify)
+from models.runtime import open_session
 from training.config import TrainConfig
 from training.trainer import RunDirError, checkpoint_paths, train
 
@@ -97,8 +97,7 @@ def test_cli_train_export_contract(trained_run, published, data_dir):
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [224, 224, 3]
     assert [o.name for o in model.graph.output] == ["logits", "embedding", "features"]
 
-    session = ort.InferenceSession(str(published["path"] / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = open_session(str(published["path"] / "model.onnx"))
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
     five = session.run(None, {"images": batch})
