@@ -10,8 +10,9 @@ The kernel releases an ``flock`` when its holder's file descriptor is closed, wh
 holder dying in any way (``SIGKILL``, OOM killer, power loss of a client): a stale lock file
 never blocks a later job; it is simply taken over. The file itself stays in the folder (pyarrow
 skips names that start with ``_``); removing it would let two jobs lock two different files.
-On NFS, Linux emulates ``flock`` with byte-range locks, so the lock holds across clients; on file
-systems without locking it fails with an ``OSError`` rather than silently not locking.
+On NFS, Linux emulates ``flock`` with byte-range locks, so the lock holds across clients; a file
+system without lock support fails the lock with an ``OSError`` (``ENOLCK``), and some network
+or FUSE file systems lock per machine only.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def _key(out_dir: str | Path) -> str:
 
 
 def holds_lock(out_dir: str | Path) -> bool:
-    """Whether this process holds the lock of ``out_dir`` (an acquired :class:`OutputFolderLock`)."""
+    """Whether this process holds the lock of ``out_dir`` (an acquired
+    :class:`OutputFolderLock`)."""
     return _key(out_dir) in _HELD
 
 

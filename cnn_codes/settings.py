@@ -56,6 +56,15 @@ class Settings(BaseSettings):
         max_images_per_request: images in one request before 413.
         max_image_pixels: width*height above which an image is refused (decompression bombs).
         request_timeout_s: per-request timeout, seconds (504 after it).
+        http_idle_timeout_s: an HTTP connection with no request in progress that receives no
+            byte for this long, seconds, is closed: new connections that send nothing as well
+            as idle keep-alive ones (uvicorn's ``timeout_keep_alive``, applied per connection;
+            it overrides ``bentoml serve --timeout-keep-alive``).
+        http_header_timeout_s: a request's headers must be complete this many seconds after
+            its first byte, or the connection is closed (slow header reads).
+        http_max_connections: open HTTP connections per API worker; a new connection above it
+            closes the longest-idle one (or itself if none is idle). Capped at the process's
+            open-file limit less 256, which the service raises to the hard limit at start-up.
         max_request_bytes: request body limit, bytes (413 above it).
         min_image_side: images with a side shorter than this, pixels, are ``too_small``.
         max_file_bytes: largest encoded image file, bytes, on every path (``too_large``
@@ -121,6 +130,9 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(default=64, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     request_timeout_s: int = Field(default=60, ge=1)
+    http_idle_timeout_s: float = Field(default=5.0, gt=0)
+    http_header_timeout_s: float = Field(default=10.0, gt=0)
+    http_max_connections: int = Field(default=4096, ge=16)
     max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     min_image_side: int = Field(default=8, ge=1)
     max_file_bytes: int = Field(default=32 * 1024 * 1024, ge=1)

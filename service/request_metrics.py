@@ -1,7 +1,9 @@
 """HTTP request metrics with bounded labels: every answer counted under a route template.
 
 ``endpoint`` labels come from a fixed set (the routes, ``/v2`` templates) and every other path
-shares ``other``, so junk requests cannot grow the number of series.
+shares ``other``, so junk requests cannot grow the number of series. :func:`endpoint_label` is
+the one mapping, for our metrics and for BentoML's own request metrics
+(:func:`service.bentoml_compat.install_bounded_endpoint_labels`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 
+from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -16,7 +19,16 @@ from service import metrics
 
 _V2_MODEL = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?(/ready|/config|/infer)?$")
 _KNOWN_PATHS = frozenset({"/classify", "/embed", "/metadata", "/readyz", "/livez", "/healthz",
-                          "/metrics", "/v2", "/v2/health/live", "/v2/health/ready"})
+                          "/metrics", "/v2", "/v2/health/live", "/v2/health/ready",
+                          "/admin/reload", "/", "/docs.json", "/schema.json"})
+
+CONNECTIONS_CLOSED = Counter(
+    "cnn_codes_http_connections_closed",
+    "HTTP connections the server closed on its own, by reason: idle (no request within "
+    "http_idle_timeout_s), header_timeout (headers incomplete after http_header_timeout_s), "
+    "evicted (longest-idle connection closed above http_max_connections), refused (new "
+    "connection closed above http_max_connections, none idle).",
+    ["reason"])
 
 
 def endpoint_label(path: str) -> str:

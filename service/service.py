@@ -164,6 +164,13 @@ class CNNCodes:
 
 bentoml_compat.check_version()
 bentoml_compat.install_no_fetch()
+# every process that imports this (arbiter, API and Encoder workers): descriptors for connections,
+# idle / slow-header connections closed, BentoML's metrics labelled by route (not raw path)
+bentoml_compat.raise_nofile_limit()
+bentoml_compat.install_connection_limits(SETTINGS.http_idle_timeout_s,
+                                         SETTINGS.http_header_timeout_s,
+                                         SETTINGS.http_max_connections)
+bentoml_compat.install_bounded_endpoint_labels()
 CNNCodes.add_asgi_middleware(RequestMetricsMiddleware)  # outermost: counts every answer
 CNNCodes.add_asgi_middleware(ErrorEnvelopeMiddleware)
 CNNCodes.add_asgi_middleware(Gateway, settings=SETTINGS)

@@ -1,0 +1,248 @@
+"""Hardening against junk traffic, on real ``cnn-codes serve`` processes over loopback.
+
+* /metrics stays bounded: BentoML's request metrics and ours label routes, never raw paths, so
+  requests to distinct junk paths (401 without a valid key, 404 with one or with no keys
+  configured) share ``endpoint="other"`` (service/bentoml_compat.py, piece 7).
+* Connections (piece 8): every server process raises its soft open-file limit to the hard
+  limit, so more than 1024 idle sockets do not starve real clients of a server started under a
+  soft limit of 1024; connections that stay silent, or send their headers too slowly, are
+  closed by the server.
+"""
+
+from __future__ import annotations
+
+import resource
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import Server, metric
+
+KEY = "hardening-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+IDLE_S = 6.0  # CNN_CODES_HTTP_IDLE_TIMEOUT_S of the `limited` server
+HEADER_S = 4.0  # CNN_CODES_HTTP_HEADER_TIMEOUT_S of the `limited` server
+SPAWN_SOFT_NOFILE = 1024  # the common default soft limit the `limited` server starts under
+IDLE_SOCKETS = 1100
+MARK = "zzjunk"  # in every junk path: a label containing it is a raw path
+
+
+@contextmanager
+def soft_nofile(limit: int):
+    """This process's soft RLIMIT_NOFILE set to ``limit`` (children started inside inherit
+    it), restored afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def nofile_headroom(needed: int) -> None:
+    """Raise this process's soft RLIMIT_NOFILE to hold ``needed`` more descriptors, or skip."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = needed + 512
+    if hard != resource.RLIM_INFINITY and hard < target:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard} < {target}: cannot open {needed} sockets")
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+@pytest.fixture(scope="module")
+def limited(published: dict, tmp_path_factory: pytest.TempPathFactory):
+    """A server started under a soft open-file limit of 1024 (hard limit above it), with an API
+    key configured and short idle / header timeouts."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= SPAWN_SOFT_NOFILE + 200:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard}: no room above a soft limit of 1024")
+    with soft_nofile(SPAWN_SOFT_NOFILE):
+        srv = Server(published["repository"], f"{published['name']}:{published['version']}",
+                     tmp_path_factory.mktemp("limited"),
+                     CNN_CODES_API_KEYS=f'["{KEY}"]',
+                     CNN_CODES_HTTP_IDLE_TIMEOUT_S=str(IDLE_S),
+                     CNN_CODES_HTTP_HEADER_TIMEOUT_S=str(HEADER_S))
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def server_processes(srv: Server) -> list[psutil.Process]:
+    """The server's arbiter and every worker it started."""
+    root = psutil.Process(srv.proc.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def api_worker(srv: Server) -> psutil.Process:
+    """The API service's worker process (``--service-name cnn_codes``)."""
+    for proc in server_processes(srv):
+        cmd = proc.cmdline()
+        if "--service-name" in cmd and cmd[cmd.index("--service-name") + 1] == "cnn_codes":
+            return proc
+    raise AssertionError(f"no API worker among {[p.cmdline() for p in server_processes(srv)]}")
+
+
+def scrape(url: str) -> tuple[int, set[str]]:
+    """Number of samples on ``url/metrics`` and every ``endpoint`` label value among them."""
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    return len(samples), {s.labels["endpoint"] for s in samples if "endpoint" in s.labels}
+
+
+def junk(url: str, first: int, count: int, headers_cycle: list[dict]) -> None:
+    """GET ``count`` distinct junk paths (several shapes, each containing :data:`MARK`),
+    cycling through ``headers_cycle``."""
+    shapes = [f"/{MARK}-{{i}}", f"/{MARK}/{{i}}/deeper", f"/classify{MARK}{{i}}",
+              f"/v2/models/{MARK}{{i}}/nothing", f"/metrics{MARK}{{i}}",
+              f"/%C3%A9t%C3%A9-{MARK}-{{i}}"]
+    with httpx.Client(timeout=30) as client:
+        for i in range(first, first + count):
+            path = shapes[i % len(shapes)].format(i=i)
+            answer = client.get(url + path, headers=headers_cycle[i % len(headers_cycle)])
+            assert answer.status_code in (401, 404), (path, answer.status_code, answer.text)
+
+
+@pytest.mark.parametrize("which", ["server", "limited"])
+def test_junk_paths_share_one_metric_label(which, request):
+    """300 distinct junk paths: no junk path becomes a label, the series count does not grow
+    with the number of paths, and ``endpoint="other"`` counts them (BentoML's and ours)."""
+    srv = request.getfixturevalue(which)
+    if which == "limited":  # API keys configured: no key / wrong key -> 401, valid key -> 404
+        cycle = [{}, {"Authorization": "Bearer wrong"}, AUTH]
+    else:  # no keys configured -> 404
+        cycle = [{}]
+    scrape(srv.url)  # our own /metrics series exist from here on
+    junk(srv.url, 0, 30, cycle)
+    n_before, labels = scrape(srv.url)
+    assert not [label for label in labels if MARK in label], sorted(labels)
+
+    bentoml_before = metric(srv.url, "bentoml_service_request_total", endpoint="other",
+                            service_name="cnn_codes")
+    ours_before = metric(srv.url, "cnn_codes_requests_total", protocol="http", endpoint="other")
+    junk(srv.url, 30, 270, cycle)
+    n_after, labels = scrape(srv.url)
+
+    assert "other" in labels
+    assert not [label for label in labels if MARK in label], sorted(labels)
+    # 270 more distinct paths add no series (a few for unrelated lazily created ones at most)
+    assert n_after <= n_before + 5, (n_before, n_after)
+    assert metric(srv.url, "bentoml_service_request_total", endpoint="other",
+                  service_name="cnn_codes") - bentoml_before == 270
+    assert metric(srv.url, "cnn_codes_requests_total", protocol="http",
+                  endpoint="other") - ours_before == 270
+
+
+def test_open_file_limit_raised_in_every_process(limited):
+    """Started with a soft NOFILE of 1024, every server process runs with soft == hard."""
+    for proc in server_processes(limited):
+        soft, hard = proc.rlimit(psutil.RLIMIT_NOFILE)
+        assert soft == hard and soft > SPAWN_SOFT_NOFILE, (proc.cmdline(), soft, hard)
+
+
+def test_many_idle_sockets_do_not_starve_clients(limited, data_dir: Path):
+    """1,100 idle sockets from one client to a server started under a soft NOFILE of 1024: a
+    normal client still gets /readyz and an /embed answer, in bounded time."""
+    nofile_headroom(IDLE_SOCKETS)
+    image = sorted((data_dir / "val" / "ants").glob("*.jpg"))[0]
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(IDLE_SOCKETS):
+            sockets.append(socket.create_connection(("127.0.0.1", limited.port), timeout=10))
+        started = time.monotonic()
+        ready = httpx.get(f"{limited.url}/readyz", timeout=IDLE_S)
+        elapsed = time.monotonic() - started
+        assert ready.status_code == 200
+        # answered before the idle timeout could have freed descriptors for it
+        assert elapsed < IDLE_S - 1, elapsed
+        # the idle sockets are really held by the API worker: more than 1024 descriptors
+        assert api_worker(limited).num_fds() > IDLE_SOCKETS, api_worker(limited).num_fds()
+        embed = httpx.post(f"{limited.url}/embed", headers=AUTH, timeout=30,
+                           files=[("images", (image.name, image.read_bytes(), "image/jpeg"))])
+        assert embed.status_code == 200, embed.text
+        assert len(embed.json()["items"]) == 1
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """The server closed ``sock`` (EOF or reset); False while it is open and silent."""
+    try:
+        return sock.recv(4096, socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One complete HTTP/1.1 response with a Content-Length from ``sock``."""
+    data = b""
+    sock.settimeout(30)
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head
+
+
+def test_idle_and_slow_header_connections_are_closed(limited):
+    """A silent new connection and an idle keep-alive one are closed after the idle timeout;
+    one that keeps sending header bytes but never ends its headers is closed after the header
+    timeout, although bytes keep arriving."""
+    address = ("127.0.0.1", limited.port)
+    idle_before = metric(limited.url, "cnn_codes_http_connections_closed_total", reason="idle")
+    header_before = metric(limited.url, "cnn_codes_http_connections_closed_total",
+                           reason="header_timeout")
+
+    silent = socket.create_connection(address, timeout=10)
+    opened = time.monotonic()
+    kept = socket.create_connection(address, timeout=10)
+    kept.sendall(b"GET /livez HTTP/1.1\r\nHost: test\r\n\r\n")
+    assert b" 200 " in _read_response(kept).split(b"\r\n")[0]
+    answered = time.monotonic()
+    slow = socket.create_connection(address, timeout=10)
+    slow.sendall(b"GET /livez HTTP/1.1\r\nHost: test\r\nX-Slow: ")
+    first_byte = time.monotonic()
+
+    closed: dict[str, float] = {}
+    deadline = first_byte + IDLE_S + HEADER_S + 10
+    try:
+        while len(closed) < 3 and time.monotonic() < deadline:
+            time.sleep(0.25)
+            now = time.monotonic()
+            for name, sock in [("silent", silent), ("kept", kept)]:
+                if name not in closed and _peer_closed(sock):
+                    closed[name] = now
+            if "slow" not in closed:
+                try:
+                    slow.send(b"a")  # never a complete header line
+                except OSError:
+                    closed["slow"] = now
+                else:
+                    if _peer_closed(slow):
+                        closed["slow"] = now
+    finally:
+        for sock in (silent, kept, slow):
+            sock.close()
+
+    assert set(closed) == {"silent", "kept", "slow"}, (closed, limited.log()[-3000:])
+    assert IDLE_S - 1 <= closed["silent"] - opened <= IDLE_S + 5, closed["silent"] - opened
+    assert IDLE_S - 1 <= closed["kept"] - answered <= IDLE_S + 5, closed["kept"] - answered
+    assert HEADER_S - 1 <= closed["slow"] - first_byte <= HEADER_S + 5, \
+        closed["slow"] - first_byte
+    assert metric(limited.url, "cnn_codes_http_connections_closed_total",
+                  reason="idle") - idle_before >= 2
+    assert metric(limited.url, "cnn_codes_http_connections_closed_total",
+                  reason="header_timeout") - header_before >= 1
