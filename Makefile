@@ -80,3 +80,28 @@ PRECISION_ARGS ?=
 .PHONY: bench-precision
 bench-precision: venv
 	$(BIN)/python -m bench.precision $(PRECISION_ARGS)
+
+## docker-compose.yml for real (scripts/compose-offline.sh): a private Docker daemon, the images
+## built here (Debian bookworm base by debootstrap, the service by `bentoml containerize`, nginx
+## and Prometheus from Debian), CNN_CODES_REPLICAS (2) replicas of the default model's
+## `production` alias serving on the published ports until `make compose-down`, which removes
+## the containers, the daemon and all its data. `make test-compose` runs tests/test_compose.py.
+.PHONY: compose-up compose-down test-compose
+compose-up: model
+	scripts/compose-offline.sh up
+
+compose-down:
+	scripts/compose-offline.sh down
+
+test-compose: venv
+	CNN_CODES_COMPOSE_TESTS=1 $(BIN)/python -m pytest -v tests/test_compose.py
+
+## Search benchmark (bench/search.py, not a test): exact / IVF-PQ / HNSW vs numpy brute force at
+## 10^4 and 10^5 vectors of D = 1280 (clustered: the default model's codes of the sample photos
+## plus noise), then the near-duplicate threshold sweep on constructed duplicates; writes
+## bench/results/search.json. Needs the default model (`make model`).
+## `make bench-search SEARCH_ARGS="ann --sizes 10000,100000,1000000"` adds 10^6 (~5 GB RAM).
+SEARCH_ARGS ?=
+.PHONY: bench-search
+bench-search: model
+	$(BIN)/python -m bench.search $(SEARCH_ARGS)

@@ -93,12 +93,20 @@ class Settings(BaseSettings):
             against images the calibration did not cover, not a quality bar).
         variant_min_top1_agreement: smallest fraction of images whose top-1 class agrees.
         variant_max_prob_diff: largest absolute difference of any class probability.
-        readiness_timeout_s: ``/readyz`` answers within about this many seconds: the canary
-            inference and BentoML's probe of the Encoder each get this long, then 503.
+        readiness_timeout_s: ``/readyz`` answers within this many seconds (503 ``not_ready``
+            when the canary inference or BentoML's probe of the Encoder takes longer: a frozen
+            or restarting Encoder); the canary inference behind ``/v2/health/ready`` and gRPC
+            health gets as long. Keep health-check timeouts above it.
         max_worker_failures: ``cnn-codes serve`` stops (exit status 4) when service workers
             died this many times within ``worker_failure_window_s`` (a crash loop, e.g. a
             model that became unloadable after the pre-flight); 0 = restart them forever.
         worker_failure_window_s: the window, seconds, of ``max_worker_failures``.
+        index: an index folder (``cnn-codes index build``) that ``POST /search`` answers from;
+            None = no search. It must hold codes of the served model version (start-up fails
+            otherwise, naming both versions); after a hot reload to another version
+            ``/search`` answers 409 ``index_mismatch`` until the folder holds an index of the
+            new version, which is then loaded (checked again at most every ``reload_poll_s``
+            and whenever versions differ).
         tmp_dir: the service's own temporary folder (uploads are written there; emptied at
             start-up, removed at exit); None = ``<system temp>/cnn-codes-tmp-<hash of
             BENTOML_HOME>`` (one per instance, short enough for BentoML's Unix sockets).
@@ -155,6 +163,7 @@ class Settings(BaseSettings):
     readiness_timeout_s: float = Field(default=2.0, gt=0, le=60)
     max_worker_failures: int = Field(default=5, ge=0)
     worker_failure_window_s: float = Field(default=60.0, gt=0)
+    index: Path | None = None
     tmp_dir: Path | None = None
 
     @field_validator("model_name")

@@ -69,6 +69,8 @@ _TABLE: tuple[ErrorCode, ...] = (
     ErrorCode("not_found", 404, "NOT_FOUND", "no such model, version or route"),
     ErrorCode("reload_refused", 409, "FAILED_PRECONDITION",
               "the requested model version cannot be loaded; the old one keeps serving"),
+    ErrorCode("index_mismatch", 409, "FAILED_PRECONDITION",
+              "the search index holds codes of another model version than the one served"),
     ErrorCode("too_many_images", 413, "RESOURCE_EXHAUSTED",
               "more images than max_images_per_request"),
     ErrorCode("body_too_large", 413, "RESOURCE_EXHAUSTED",

@@ -21,10 +21,16 @@ file and nothing else. Each piece names the upstream code or issue it works arou
    connections closed, connections per worker bounded, the open-file limit raised (BentoML's
    uvicorn worker, ``_bentoml_impl/worker/service.py``; ``uvicorn/protocols/http/h11_impl.py``
    0.54.0, Kludex/uvicorn#1192).
+9. :func:`bounded_readiness`: ``/readyz`` answers 503 within ``readiness_timeout_s`` instead of
+   hanging when the Encoder is frozen or restarting (``_bentoml_impl/server/app.py``
+   ``readyz``, ``_bentoml_impl/client/proxy2.py`` ``AsyncClient.is_ready``,
+   ``bentoml/_internal/server/http/traffic.py`` ``TimeoutMiddleware``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import logging
 import typing as t
@@ -40,7 +46,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from models.errors import CNNCodesError
+from models.errors import CNNCodesError, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +122,11 @@ def cap_learned_wait(max_wait_s: float) -> None:
 # on a client's behalf, so :func:`install` swaps those two serdes in BentoML's ``ALL_SERDE``
 # registry for subclasses that refuse (400) instead. Call it once per API worker.
 
+# The longest client file name an upload may carry: NAME_MAX (255 bytes on Linux) less
+# NamedTemporaryFile's ``tmp`` + 8 random characters (see :func:`client_filename`).
+MAX_FILENAME_BYTES = 244
+
+
 class NoFetchMultipartSerde(bentoml_serde.MultipartSerde):
     """Multipart/form serde whose file fields must be uploaded files, and whose malformed
     bodies (no boundary, broken parts) are a 400, not BentoML's 500."""
@@ -127,6 +138,15 @@ class NoFetchMultipartSerde(bentoml_serde.MultipartSerde):
         except (HTTPException, MultiPartException, UnicodeDecodeError) as exc:
             detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or exc
             raise InvalidArgument(f"malformed multipart/form-data body: {detail}") from None
+        except RecursionError:  # json.loads of a form field (``MultipartSerde.parse_request``)
+            raise InvalidArgument("a form field's JSON value is nested too deeply") from None
+        except OSError as exc:
+            # BentoML stores each upload as NamedTemporaryFile(suffix=<client file name>)
+            # (``_bentoml_sdk/validators.py``): a name past the file system's limit fails there
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            raise InvalidArgument("an uploaded file's name is too long: send file names of "
+                                  f"at most {MAX_FILENAME_BYTES} bytes") from None
 
     @staticmethod
     async def ensure_file(obj: t.Any) -> UploadFile:
@@ -147,8 +167,11 @@ class NoFetchJSONSerde(bentoml_serde.JSONSerde):
     async def parse_request(self, request: Request, cls: type) -> t.Any:
         """Parse the body as JSON only (no URL download)."""
         body = await request.body()
-        return self.deserialize_model(bentoml_serde.Payload((body,), metadata=request.headers),
-                                      cls)
+        try:
+            return self.deserialize_model(
+                bentoml_serde.Payload((body,), metadata=request.headers), cls)
+        except RecursionError:
+            raise InvalidArgument("the JSON body is nested too deeply") from None
 
 
 def install_no_fetch() -> None:
@@ -253,8 +276,8 @@ def to_bentoml(error: CNNCodesError) -> BentoMLException:
 # app.py``) and in ``HTTPTrafficMetricsMiddleware.__call__`` (legacy services), both in
 # ``bentoml/_internal/server/http/instruments.py``. Every distinct path, 401s and 404s
 # included, adds series to ``bentoml_service_request_total`` / ``_request_duration_seconds``
-# (a histogram: 17 series per path and status) / ``_request_in_progress``, each a file entry
-# under ``PROMETHEUS_MULTIPROC_DIR``: 5,000 junk GETs made /metrics 19 MB with 100,193 series,
+# (a histogram) / ``_request_in_progress``, about 20 per path, each an entry in the files under
+# ``PROMETHEUS_MULTIPROC_DIR``: 5,000 junk GETs made /metrics 19 MB with 100,193 series,
 # a scrape 6.6-11 s, the API worker 125 -> 442 MiB.
 #
 # :func:`install_bounded_endpoint_labels` wraps both middlewares' ``_setup`` (which creates the
@@ -346,6 +369,10 @@ def install_bounded_endpoint_labels(label: t.Callable[[str], str] | None = None)
 
 _CONN_MARK = "_cnn_codes_connection_limits"
 FD_RESERVE = 256  # descriptors kept for everything but client connections (files, pools, gRPC)
+# BentoML's server logging (``bentoml/_internal/log.py``, ``configure_server_logging``) shows
+# INFO only for the ``bentoml`` logger tree (the root logger is at WARNING): the start-up lines
+# of this piece go there so that the server log shows them.
+_startup_log = logging.getLogger("bentoml.cnn_codes")
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -367,8 +394,9 @@ def raise_nofile_limit() -> tuple[int, int]:
             logger.warning("open-file limit: could not raise the soft limit %d to %d: %s",
                            soft, target, exc)
         else:
-            logger.info("open-file limit: soft RLIMIT_NOFILE raised from %d to %d (hard %s)",
-                        soft, target, "unlimited" if hard == resource.RLIM_INFINITY else hard)
+            _startup_log.info("open-file limit: soft RLIMIT_NOFILE raised from %d to %d "
+                              "(hard %s)", soft, target,
+                              "unlimited" if hard == resource.RLIM_INFINITY else hard)
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
@@ -406,10 +434,13 @@ def _header_timeout(proto: t.Any) -> None:
 def _evict(proto: t.Any, max_connections: int) -> None:
     """Above ``max_connections``: close the longest-idle other connection, else ``proto``."""
     connections = proto.connections
-    if len(connections) <= max_connections:
+    if len(connections) <= max_connections:  # the cheap test first: no scan below the bound
         return
-    idle = [c for c in connections
-            if c is not proto and not _busy(c) and not c.transport.is_closing()]
+    # connections closed but not yet lost (evicted a moment ago) no longer count
+    live = [c for c in connections if c.transport is not None and not c.transport.is_closing()]
+    if len(live) <= max_connections:
+        return
+    idle = [c for c in live if c is not proto and not _busy(c)]
     victim = min(idle, key=lambda c: getattr(c, "_cnn_active", 0.0), default=None)
     if victim is None:
         _closed("refused")
@@ -498,6 +529,60 @@ def install_connection_limits(idle_timeout_s: float, header_timeout_s: float,
             current.update(limits)
         else:
             _patch_protocol(cls, limits)
-    logger.info("HTTP connections: idle timeout %.1f s, header timeout %.1f s, at most %d per "
-                "worker", idle_timeout_s, header_timeout_s, max_connections)
+    _startup_log.info("HTTP connections: idle timeout %.1f s, header timeout %.1f s, at most %d "
+                      "per worker", idle_timeout_s, header_timeout_s, max_connections)
     return max_connections
+
+
+# --- 9. A bounded /readyz ---------------------------------------------------------------------
+# BentoML 1.4.39's ``/readyz`` (``ServiceAppFactory.readyz``, ``_bentoml_impl/server/app.py``)
+# awaits ``__is_ready__``, then probes every ``bentoml.depends`` service with
+# ``RemoteProxy.is_ready(5)`` (``api_server.runner_probe.enabled``, on by default). Against a
+# frozen (SIGSTOP) or restarting Encoder the probe's connection is accepted by the socket's
+# backlog and never answered; after 5 s aiohttp raises a plain ``asyncio.TimeoutError``, which
+# ``AsyncClient.is_ready`` (``_bentoml_impl/client/proxy2.py``) does not catch (it expects
+# ``aiohttp.ServerTimeoutError``), so ``readyz`` raises instead of answering 503. And
+# ``TimeoutMiddleware`` (``bentoml/_internal/server/http/traffic.py``) waits for the first
+# response message, not for the app: a request whose handler raised before answering is held
+# until ``traffic.timeout`` (60 s) and then ends without an answer. Measured: ``/readyz``
+# unanswered after 40 s with the Encoder stopped.
+#
+# :func:`bounded_readiness` runs the readiness route under a deadline and answers 503
+# ``not_ready`` when the deadline passes or the route fails before answering (the Gateway uses
+# it for :data:`READINESS_PATHS`). An answer the route gives in time (200, or its own 503)
+# passes through unchanged.
+
+READINESS_PATHS = frozenset({"/readyz"})
+
+
+async def bounded_readiness(app: ASGIApp, scope: Scope, receive: Receive, send: Send,
+                            timeout_s: float) -> None:
+    """Run ``app`` (BentoML's readiness route) for one request, bounded by ``timeout_s``.
+
+    Raises:
+        RequestError: ``not_ready`` (503) when ``app`` gave no answer within ``timeout_s`` or
+            failed before answering; the caller sends it.
+    """
+    started = False
+
+    async def tracking_send(message: Message) -> None:
+        nonlocal started
+        if message["type"] == "http.response.start":
+            started = True
+        await send(message)
+
+    try:
+        async with asyncio.timeout(timeout_s):
+            await app(scope, receive, tracking_send)
+        return
+    except TimeoutError:
+        if started:
+            raise
+        reason = f"no answer within {timeout_s:g} s"
+    except Exception as exc:  # the dependency probe's own failures (connection refused...)
+        if started:
+            raise
+        reason = f"{type(exc).__name__}: {exc}"
+    logger.warning("readiness check failed: %s", reason)
+    raise RequestError("not_ready", f"not ready: the Encoder did not answer the readiness "
+                                    f"check ({reason})")

@@ -8,11 +8,14 @@ In order, for every HTTP request:
 2. **Overload**: at most ``max_concurrency`` requests in flight per worker; the next one gets
    429 with ``Retry-After`` at once instead of queueing (Infinity/Triton behaviour).
 3. **Body limit**: bodies above ``max_request_bytes`` get 413 (BentoML has no limit of its own).
-4. **Input formats** for ``/classify`` and ``/embed``: multipart (passed through), a raw image
-   body (``image/*`` or ``application/octet-stream``, options as query parameters) or JSON
-   ``{"images": [{"b64": "..."}], ...options}``; the latter two are transcoded to the
-   multipart form the routes declare, so there is one validation path. Other content types
-   get 415.
+4. **Bounded readiness**: ``/readyz`` answers within ``readiness_timeout_s`` (503
+   ``not_ready`` otherwise), see :func:`service.bentoml_compat.bounded_readiness`.
+5. **Input formats** for ``/classify``, ``/embed`` and ``/search``: multipart (passed
+   through), a raw image body (``image/*`` or ``application/octet-stream``, options as query
+   parameters) or JSON ``{"images": [{"b64": "..."}], ...options}``; the latter two are
+   transcoded to the multipart form the routes declare, so there is one validation path (a
+   ``/search`` JSON body of ``{"vectors": [[...]]}`` goes to the route as JSON: no file in
+   it). Other content types get 415.
 
 Every error body is JSON ``{"error": "...", "code": "..."}`` with a code and status from the
 one error table (:mod:`models.errors`).
@@ -33,8 +36,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cnn_codes.settings import Settings
 from models.errors import RequestError
 from service.auth import check_api_key
+from service.bentoml_compat import READINESS_PATHS, bounded_readiness
 
-INFER_PATHS = frozenset({"/classify", "/embed"})
+INFER_PATHS = frozenset({"/classify", "/embed", "/search"})
+#: ``/search`` also takes ``{"vectors": [[...]], ...}``: such a JSON body goes to the route as is.
+VECTOR_PATHS = frozenset({"/search"})
 ADMIN_PREFIX = "/admin/"
 RAW_TYPES = ("image/", "application/octet-stream")
 
@@ -71,6 +77,8 @@ def transcode_json(body: bytes) -> tuple[bytes, str]:
     """
     try:
         document = json.loads(body)
+    except RecursionError:
+        raise RequestError("bad_request", "the JSON body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError("bad_request", f"the body is not valid JSON: {exc}") from None
     if not isinstance(document, dict) or not isinstance(document.get("images"), list):
@@ -85,8 +93,20 @@ def transcode_json(body: bytes) -> tuple[bytes, str]:
             raise RequestError("bad_request", f"images[{index}].b64 is not valid base64") from None
         filename = item.get("filename")
         files.append((filename if isinstance(filename, str) else f"images[{index}]", data))
-    options = {k: _field_text(v) for k, v in document.items() if k != "images"}
+    try:
+        options = {k: _field_text(v) for k, v in document.items() if k != "images"}
+    except RecursionError:
+        raise RequestError("bad_request", "an option's JSON value is nested too deeply") from None
     return encode_multipart(files, options)
+
+
+def _is_vector_query(body: bytes) -> bool:
+    """A JSON object with ``vectors`` and no ``images`` (``/search`` by CNN codes)."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return isinstance(document, dict) and "vectors" in document and "images" not in document
 
 
 def transcode_raw(body: bytes, query_string: bytes) -> tuple[bytes, str]:
@@ -122,8 +142,10 @@ class Gateway:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
+        # readiness answers within readiness_timeout_s (503 otherwise), open path or not
+        app = self._bounded_readiness if path in READINESS_PATHS else self.app
         if path in self.open_paths:
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
@@ -160,9 +182,13 @@ class Gateway:
         try:
             if scope["method"] == "POST" and path in INFER_PATHS:
                 scope, receive = await self._normalise_body(scope, receive, headers)
-            await self.app(scope, receive, send_then_release)
+            await app(scope, receive, send_then_release)
         finally:
             release()
+
+    async def _bounded_readiness(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await bounded_readiness(self.app, scope, receive, send,
+                                self.settings.readiness_timeout_s)
 
     async def _read_body(self, receive: Receive, declared: str | None) -> bytes:
         limit = self.settings.max_request_bytes
@@ -190,6 +216,9 @@ class Gateway:
         media_type = content_type.split(";")[0].strip().lower()
         body = await self._read_body(receive, headers.get("content-length"))
         if media_type == "multipart/form-data":
+            new_type = content_type
+        elif media_type == "application/json" and scope["path"] in VECTOR_PATHS and \
+                _is_vector_query(body):
             new_type = content_type
         elif media_type == "application/json":
             body, new_type = transcode_json(body)

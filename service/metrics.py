@@ -40,3 +40,11 @@ REQUEST_SECONDS = Histogram(
     "cnn_codes_request_seconds", "Request handling time, seconds, by protocol and endpoint.",
     ["protocol", "endpoint"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
+SEARCH_SECONDS = Histogram(
+    "cnn_codes_search_seconds", "Index search time per /search request (all its queries), s.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+INDEX_VECTORS = Gauge(
+    "cnn_codes_index_vectors", "Vectors in the loaded search index.", multiprocess_mode="livemax")
+INDEX_BYTES = Gauge(
+    "cnn_codes_index_bytes", "Bytes of the loaded search index (FAISS file + path table).",
+    multiprocess_mode="livemax")

@@ -20,7 +20,8 @@ from service import metrics
 _V2_MODEL = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?(/ready|/config|/infer)?$")
 _KNOWN_PATHS = frozenset({"/classify", "/embed", "/metadata", "/readyz", "/livez", "/healthz",
                           "/metrics", "/v2", "/v2/health/live", "/v2/health/ready",
-                          "/admin/reload", "/", "/docs.json", "/schema.json"})
+                          "/admin/reload", "/", "/docs.json", "/schema.json",
+                          "/search"})
 
 CONNECTIONS_CLOSED = Counter(
     "cnn_codes_http_connections_closed",

@@ -145,21 +145,33 @@ class Reloader:
 
 
 async def canary(holder: ModelHolder, model_ref: Callable[[], Awaitable[dict]],
-                 encode: Callable[[np.ndarray], Awaitable[Any]]) -> bool:
+                 encode: Callable[[np.ndarray], Awaitable[Any]], *,
+                 timeout_s: float | None = None) -> bool:
     """A real inference through the Encoder on the model this worker serves.
+
+    Args:
+        timeout_s: the longest the check may take (a frozen or restarting Encoder answers
+            nothing); None = ``readiness_timeout_s`` of the settings.
 
     Returns:
         True when the Encoder serves the same name and version and a batch of one image
-        went through; False otherwise (the cause is logged). Never raises.
+        went through within ``timeout_s``; False otherwise (the cause is logged). Never raises.
     """
     card = holder.card
+    if timeout_s is None:
+        timeout_s = Settings().readiness_timeout_s
     try:
-        ref = await model_ref()
-        if (ref["name"], int(ref["version"])) != (card.name, card.version):
-            logger.error("encoder serves %s, API expects %s:%d", ref, card.name, card.version)
-            return False
-        size = card.preprocessing.crop_size
-        await encode(np.zeros((1, size, size, 3), np.uint8))
+        async with asyncio.timeout(timeout_s):
+            ref = await model_ref()
+            if (ref["name"], int(ref["version"])) != (card.name, card.version):
+                logger.error("encoder serves %s, API expects %s:%d", ref, card.name,
+                             card.version)
+                return False
+            size = card.preprocessing.crop_size
+            await encode(np.zeros((1, size, size, 3), np.uint8))
+    except TimeoutError:
+        logger.warning("canary inference: no answer from the Encoder within %g s", timeout_s)
+        return False
     except Exception:  # any failure means "not ready yet"; logged for operators
         logger.exception("canary inference failed")
         return False

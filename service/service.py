@@ -43,6 +43,8 @@ from service.request_metrics import RequestMetricsMiddleware  # noqa: E402
 from service.responses import classify_response, embed_response  # noqa: E402
 from service.schemas import (ClassifyResponse, EmbedResponse, Layer, VectorDType,  # noqa: E402
                              VectorEncoding)
+from service.search_route import IndexHolder, SearchResponse  # noqa: E402
+from service.search_route import search as search_route  # noqa: E402
 from service.served import ModelHolder, Reloader, canary, load_card  # noqa: E402
 
 logger = logging.getLogger("cnn_codes.service")
@@ -52,9 +54,11 @@ SETTINGS = Settings()
 
 
 async def _metadata(request: Request) -> JSONResponse:
-    """``GET /metadata``: the served model's card."""
+    """``GET /metadata``: the served model's card, plus ``index``: the search index's manifest
+    (null when search is off)."""
     service = bentoml.get_current_service()
-    return JSONResponse(service.holder.card.public())
+    card = service.holder.card
+    return JSONResponse({**card.public(), "index": service.index.describe(card)})
 
 
 # plus the KServe v2 / Open Inference Protocol HTTP paths (/v2/...), see service/kserve
@@ -82,6 +86,9 @@ class CNNCodes:
             self.holder, self.settings, lambda batch: self.encoder.to_async.encode(batch))
         self.reloader = Reloader(self.holder, self.settings,
                                  lambda version: self.encoder.to_async.load(version))
+        # POST /search: an index of the served version, or a start-up error naming both
+        self.index = IndexHolder(self.settings.index, self.settings.reload_poll_s)
+        self.index.load_for(self.holder.card)
         self._ready = False
 
     async def reload(self) -> dict:
@@ -160,6 +167,25 @@ class CNNCodes:
         result = await self._run("embed", images)
         return embed_response(result, [client_filename(p) for p in images], layer=layer,
                               normalize=normalize, dtype=dtype, encoding=encoding)
+
+    @bentoml.api(route="/search")
+    async def search(
+        self,
+        # a default list, not None: BentoML takes only a plain list[Path] as multipart files
+        images: list[Path] = [],  # noqa: B006 - pydantic copies it; never mutated
+        vectors: list[list[float]] | None = None,
+        k: Annotated[int, Field(ge=1, le=1000, description="neighbours per query")] = 10,
+        model_version: int | None = None,
+    ) -> SearchResponse:
+        """The ``k`` nearest indexed images (path, cosine) of each image (the inputs of
+        ``/embed``) or of each CNN code in ``vectors`` (a JSON body; ``model_version`` = the
+        version that made them), from the index of setting ``index``. The index answers only
+        for the model version it was built with: 409 ``index_mismatch`` otherwise."""
+        try:
+            return await search_route(self, images, vectors, k, model_version)
+        except CNNCodesError as exc:  # the error table's body: {"error", "code", ...}
+            return JSONResponse(exc.body(), status_code=exc.http_status,
+                                headers=exc.headers)  # type: ignore[return-value]
 
 
 bentoml_compat.check_version()

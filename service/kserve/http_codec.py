@@ -38,6 +38,8 @@ def parse_infer(body: bytes, header_length: str | None, name: str,
         head, binary = body, b""
     try:
         document = json.loads(head)
+    except RecursionError:
+        raise _bad_request("the inference request's JSON is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise _bad_request(f"the inference request is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
@@ -116,11 +118,17 @@ def _parse_input(item: Any, index: int, binary: bytes, offset: int) -> tuple[Inp
 
 
 def _flatten(data: Any) -> list[Any]:
-    if not isinstance(data, list):
-        return [data]
+    """The leaves of nested lists, in order (iterative: any depth JSON allows is fine)."""
     flat: list[Any] = []
-    for item in data:
-        flat.extend(_flatten(item))
+    stack: list[Any] = [iter([data])]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
     return flat
 
 

@@ -1,0 +1,441 @@
+"""docker-compose.yml for real: the images built, replicas up, scaled, one killed, promoted, down.
+
+``scripts/compose-offline.sh`` starts a private Docker daemon (its state in this module's temp
+folder), builds every image fresh (Debian base by debootstrap, the service by ``bentoml
+containerize``, nginx and Prometheus from Debian packages) and runs the committed
+``docker-compose.yml`` with ``deploy/compose.offline.yml`` (image names) and one more override
+written here: this test's model repository mounted at ``/models`` and the published ports on
+free loopback ports. Every request goes through nginx's published ports on 127.0.0.1; a
+replica's own counters are read inside its container (``docker exec``), as nothing else can
+reach it.
+
+Slow (a fresh image build, several minutes) and in need of the package mirror and PyPI: it runs
+with ``CNN_CODES_COMPOSE_TESTS=1`` (``make test-compose``) and is skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from conftest import REPO_ROOT, base_env, free_port, last_json_line, run_cli
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("CNN_CODES_COMPOSE_TESTS") != "1",
+    reason="docker compose test: set CNN_CODES_COMPOSE_TESTS=1 (make test-compose)")
+
+SCRIPT = REPO_ROOT / "scripts" / "compose-offline.sh"
+DOCKER = "/usr/bin/docker"          # Debian's CLI, the daemon's version (the script installs it)
+PROJECT = "cnn-codes-test"
+TIMEOUT = 60.0
+JOB = "cnn-codes"                   # the scrape job of deploy/prometheus/prometheus.yml
+
+
+def wait_until(check, what: str, timeout: float, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Stack:
+    """The compose project on the private daemon, driven through the script and the docker CLI."""
+
+    def __init__(self, state: Path, env: dict[str, str], repository: Path, ports: dict) -> None:
+        self.state, self.env, self.repository, self.ports = state, env, repository, ports
+        self.lb = f"http://127.0.0.1:{ports['http']}"
+        self.lb_grpc = f"127.0.0.1:{ports['grpc']}"
+        self.prometheus = f"http://127.0.0.1:{ports['prometheus']}"
+        self.measured: dict = {}
+        self.down_done = False
+
+    def script(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        proc = subprocess.run([str(SCRIPT), *args], env=self.env, cwd=REPO_ROOT, text=True,
+                              capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            pytest.fail(f"compose-offline.sh {' '.join(args)} exited {proc.returncode}\n"
+                        f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}")
+        return proc
+
+    def compose(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return self.script("compose", *args, timeout=timeout)
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 120
+               ) -> subprocess.CompletedProcess:
+        proc = subprocess.run([DOCKER, *args], env=self.env, text=True, capture_output=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            pytest.fail(f"docker {' '.join(args)} exited {proc.returncode}: {proc.stderr[-3000:]}")
+        return proc
+
+    def containers(self, service: str, all_: bool = False) -> list[str]:
+        """Names of the service's containers (running ones unless ``all_``), sorted by number."""
+        proc = self.docker("ps", *(["-a"] if all_ else []),
+                           "--filter", f"label=com.docker.compose.project={PROJECT}",
+                           "--filter", f"label=com.docker.compose.service={service}",
+                           "--format", "{{.Names}}")
+        return sorted(proc.stdout.split(), key=lambda n: int(n.rsplit("-", 1)[-1]))
+
+    def inspect(self, *names: str) -> list[dict]:
+        return json.loads(self.docker("inspect", *names).stdout)
+
+    def ip(self, name: str) -> str:
+        networks = self.inspect(name)[0]["NetworkSettings"]["Networks"]
+        return next(iter(networks.values()))["IPAddress"]
+
+    def replica_metrics(self, name: str) -> str | None:
+        """The replica's own ``/metrics`` text, read inside its container; None if no answer."""
+        proc = self.docker(
+            "exec", name, "python", "-c",
+            "import urllib.request; print(urllib.request.urlopen("
+            "'http://127.0.0.1:3000/metrics', timeout=10).read().decode())",
+            check=False, timeout=60)
+        return proc.stdout if proc.returncode == 0 else None
+
+    def metric(self, name: str, metric: str, /, **labels: str) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = self.replica_metrics(name)
+        assert text is not None, f"{name} does not answer /metrics"
+        return sum(s.value for family in text_string_to_metric_families(text)
+                   for s in family.samples
+                   if s.name == metric and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def query(self, expr: str) -> list[dict]:
+        body = httpx.get(f"{self.prometheus}/api/v1/query", params={"query": expr},
+                         timeout=TIMEOUT).json()
+        assert body["status"] == "success", (expr, body)
+        return body["data"]["result"]
+
+    def up_instances(self) -> set[str]:
+        return {s["metric"]["instance"] for s in self.query(f'up{{job="{JOB}"}} == 1')}
+
+
+def watch_start(stack: Stack, replicas: int, timeout: float = 600) -> dict:
+    """Poll every replica from creation until all are healthy: health status and, where the
+    replica answers, its counters. Returns the observations per container and the seconds."""
+    seen: dict[str, list[dict]] = {}
+    start = time.monotonic()
+
+    def all_healthy() -> bool:
+        names = stack.containers("cnn-codes")
+        for name in names:
+            state = stack.inspect(name)[0]["State"]
+            health = state.get("Health", {}).get("Status")
+            observation = {"t": round(time.monotonic() - start, 2), "health": health,
+                           "status": state["Status"]}
+            text = stack.replica_metrics(name)
+            if text is not None:
+                observation["inferences"] = sum(
+                    float(m.group(1)) for m in
+                    re.finditer(r"^cnn_codes_inference_seconds_count(?:\{[^}]*\})? (\S+)$",
+                                text, re.M))
+                observation["embeds"] = sum(
+                    float(m.group(1)) for m in
+                    re.finditer(r'^cnn_codes_requests_total\{[^}]*endpoint="/embed"[^}]*\} (\S+)$',
+                                text, re.M))
+            seen.setdefault(name, []).append(observation)
+            if state["Status"] in ("exited", "dead"):
+                logs = stack.docker("logs", "--tail", "60", name, check=False)
+                pytest.fail(f"{name} exited:\n{logs.stdout[-4000:]}{logs.stderr[-4000:]}")
+        return len(names) == replicas and all(
+            obs[-1]["health"] == "healthy" for obs in seen.values() if obs)
+
+    wait_until(all_healthy, f"{replicas} healthy replicas", timeout, interval=0.5)
+    return {"seen": seen, "seconds": round(time.monotonic() - start, 1)}
+
+
+@pytest.fixture(scope="module")
+def stack(published: dict, trained_run: Path, tmp_path_factory: pytest.TempPathFactory):
+    for tool in ("apt-get",):
+        assert shutil.which(tool), f"{tool} needed to install docker.io and debootstrap"
+    tmp = tmp_path_factory.mktemp("compose")
+    # the mounted model repository: a copy of the published one, readable by the image's user
+    repository = tmp / "models"
+    shutil.copytree(published["repository"], repository)
+    subprocess.run(["chmod", "-R", "a+rX", str(repository)], check=True)
+    run_cli("models", "--repository", str(repository), "promote", f"{published['name']}:"
+            f"{published['version']}")
+    ports = {"http": free_port(), "grpc": free_port(), "prometheus": free_port()}
+    extra = tmp / "compose.test.yml"
+    extra.write_text(f"""
+services:
+  cnn-codes:
+    volumes: !override
+      - {repository}:/models:ro
+  lb:
+    ports: !override
+      - "127.0.0.1:{ports['http']}:3000"
+      - "127.0.0.1:{ports['grpc']}:50051"
+  prometheus:
+    ports: !override
+      - "127.0.0.1:{ports['prometheus']}:9090"
+""")
+    state = tmp / "docker"
+    env = base_env(CNN_CODES_DOCKER_DIR=str(state), COMPOSE_PROJECT_NAME=PROJECT,
+                   CNN_CODES_COMPOSE_EXTRA=str(extra), CNN_CODES_REPLICAS="2",
+                   CNN_CODES_MODEL_NAME=published["name"], CNN_CODES_REBUILD="1")
+    env.pop("PYTHONPATH")  # the Bento carries its own code
+    s = Stack(state, env, repository, ports)
+    s.trained_run, s.published = trained_run, published
+    try:
+        started = time.monotonic()
+        build = s.script("build", timeout=1500)
+        s.measured["build_s"] = round(time.monotonic() - started, 1)
+        s.measured["images"] = {
+            m.group(1): {"build_s": int(m.group(2)), "mb": int(m.group(3))}
+            for m in re.finditer(r"\] (\S+) built in (\d+) s \((\d+) MB\)", build.stderr)}
+        started = time.monotonic()
+        s.compose("up", "-d", "--no-start")      # created, so the watch sees every start
+        s.start_proc = subprocess.Popen(
+            [str(SCRIPT), "compose", "up", "-d", "--wait", "--wait-timeout", "600"],
+            env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, stdin=subprocess.DEVNULL)
+        s.start = watch_start(s, 2)
+        out, _ = s.start_proc.communicate(timeout=600)
+        assert s.start_proc.returncode == 0, out[-4000:]
+        s.measured["up_to_healthy_s"] = round(time.monotonic() - started, 1)
+        yield s
+    finally:
+        if not s.down_done:
+            subprocess.run([str(SCRIPT), "down"], env=env, cwd=REPO_ROOT, timeout=300,
+                           capture_output=True, stdin=subprocess.DEVNULL)
+        print("\ncompose measurements:", json.dumps(s.measured, indent=1))
+        report = os.environ.get("CNN_CODES_COMPOSE_REPORT")
+        if report:
+            Path(report).write_text(json.dumps(s.measured, indent=1))
+
+
+def photo(data_dir: Path, cls: str = "bees") -> bytes:
+    return sorted((data_dir / "val" / cls).glob("*.jpg"))[0].read_bytes()
+
+
+def test_images_are_debian_and_the_bento_containerized(stack):
+    images = stack.measured["images"]
+    assert {"cnn-codes-base:bookworm", "cnn-codes:latest", "cnn-codes-nginx:bookworm",
+            "cnn-codes-prometheus:bookworm"} <= images.keys(), images
+    service = json.loads(stack.docker("image", "inspect", "cnn-codes:latest").stdout)[0]
+    assert "BENTOML_CONTAINERIZED=true" in service["Config"]["Env"]
+    assert service["Config"]["Entrypoint"][0].endswith("env/docker/entrypoint.sh")
+    replica = stack.containers("cnn-codes")[0]
+    release = stack.docker("exec", replica, "cat", "/etc/debian_version").stdout
+    assert release.startswith("12."), release
+    # the serving side only: onnxruntime in, torch out
+    probe = stack.docker("exec", replica, "python", "-c",
+                         "import importlib.util as u; print(u.find_spec('onnxruntime') is not None,"
+                         " u.find_spec('torch') is not None)").stdout.split()
+    assert probe == ["True", "False"], probe
+    stack.measured["service_image_mb"] = round(service["Size"] / 1e6)
+
+
+def test_healthy_only_after_the_canary(stack):
+    seen = stack.start["seen"]
+    assert len(seen) == 2
+    for name, observations in seen.items():
+        assert observations[0]["health"] == "starting", (name, observations[:3])
+        first_healthy = next(o for o in observations if o["health"] == "healthy")
+        # healthy means the canary inference went through the Encoder: one inference, and no
+        # request from anyone yet
+        assert first_healthy.get("inferences", 0) >= 1, (name, first_healthy)
+        assert first_healthy.get("embeds", 0) == 0, (name, first_healthy)
+        stack.measured.setdefault("replica_start_to_healthy_s", {})[name] = first_healthy["t"]
+    # nginx waits for healthy replicas (depends_on: service_healthy)
+    lb = stack.inspect(stack.containers("lb")[0])[0]["State"]["StartedAt"]
+    for name in seen:
+        passed = [p for p in stack.inspect(name)[0]["State"]["Health"]["Log"]
+                  if p["ExitCode"] == 0]
+        assert passed and lb > passed[0]["End"][:len(lb)] or lb > passed[0]["Start"], (lb, passed)
+
+    # a replica whose canary cannot succeed (no Encoder answer within the readiness timeout)
+    # stays "starting" while its probes fail: the committed healthcheck, via `compose run`
+    probe = f"{PROJECT}-canary-probe"
+    stack.compose("run", "-d", "--no-deps", "--name", probe,
+                  "-e", "CNN_CODES_READINESS_TIMEOUT_S=0.000001", "cnn-codes")
+    try:
+        def failed_probes() -> bool:
+            health = stack.inspect(probe)[0]["State"]["Health"]
+            assert health["Status"] == "starting", health
+            return sum(p["ExitCode"] != 0 for p in health["Log"]) >= 2
+        wait_until(failed_probes, "two failed health probes of the canary-less replica", 90)
+        logs = stack.docker("logs", probe)
+        assert "canary inference: no answer from the Encoder" in logs.stdout + logs.stderr
+    finally:
+        stack.docker("rm", "-f", probe, check=False)
+
+
+def test_http_and_grpc_through_nginx_reach_both_replicas(stack, data_dir):
+    replicas = stack.containers("cnn-codes")
+    assert len(replicas) == 2
+    image = photo(data_dir)
+    before = [stack.metric(r, "cnn_codes_images_total", protocol="http", outcome="ok")
+              for r in replicas]
+    vectors = []
+    with httpx.Client(base_url=stack.lb, timeout=TIMEOUT) as client:
+        for _ in range(12):
+            response = client.post("/embed", files=[("images", ("b.jpg", image, "image/jpeg"))])
+            assert response.status_code == 200, response.text
+            vectors.append(response.json()["results"][0]["embedding"])
+    gained = [stack.metric(r, "cnn_codes_images_total", protocol="http", outcome="ok") - b
+              for r, b in zip(replicas, before)]
+    assert sum(gained) == 12 and min(gained) >= 1, gained
+    np.testing.assert_allclose(np.array(vectors), np.array(vectors[:1] * 12), atol=1e-5)
+
+    before = [stack.metric(r, "cnn_codes_images_total", protocol="grpc", outcome="ok")
+              for r in replicas]
+    with triton_grpc.InferenceServerClient(stack.lb_grpc) as client:
+        assert client.is_server_ready()
+        for _ in range(8):
+            tensor = triton_grpc.InferInput("images", [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([image], dtype=np.object_))
+            result = client.infer(stack.published["name"], [tensor])
+            embedding = result.as_numpy("embedding")[0]
+            np.testing.assert_allclose(embedding / np.linalg.norm(embedding), vectors[0],
+                                       atol=1e-5)
+    gained = [stack.metric(r, "cnn_codes_images_total", protocol="grpc", outcome="ok") - b
+              for r, b in zip(replicas, before)]
+    assert sum(gained) == 8 and min(gained) >= 1, gained
+
+
+def test_scale_to_three_and_the_new_replica_gets_traffic_after_nginx_reload(stack, data_dir):
+    started = time.monotonic()
+    stack.compose("up", "-d", "--scale", "cnn-codes=3", "--wait", "--wait-timeout", "600")
+    stack.measured["scale_to_3_healthy_s"] = round(time.monotonic() - started, 1)
+    replicas = stack.containers("cnn-codes")
+    assert len(replicas) == 3, replicas
+    new = replicas[-1]
+    assert stack.inspect(new)[0]["State"]["Health"]["Status"] == "healthy"
+    stack.compose("exec", "-T", "lb", "nginx", "-s", "reload")   # the documented step
+    time.sleep(2)                                                # old workers hand over
+    before = stack.metric(new, "cnn_codes_images_total", protocol="http", outcome="ok")
+    image = photo(data_dir)
+    with httpx.Client(base_url=stack.lb, timeout=TIMEOUT) as client:
+        for _ in range(12):
+            response = client.post("/embed", files=[("images", ("b.jpg", image, "image/jpeg"))])
+            assert response.status_code == 200, response.text
+    assert stack.metric(new, "cnn_codes_images_total", protocol="http", outcome="ok") > before
+    # Prometheus finds the third replica through Docker's DNS (refresh 15 s, scrape 15 s)
+    ips = {f"{stack.ip(r)}:3000" for r in replicas}
+    wait_until(lambda: stack.up_instances() == ips, "Prometheus to scrape 3 replicas", 120, 2)
+
+
+def test_killed_replica_loses_only_its_in_flight_requests_and_shows_down(stack, data_dir):
+    replicas = stack.containers("cnn-codes")
+    assert len(replicas) == 3
+    victim = replicas[1]
+    victim_instance = f"{stack.ip(victim)}:3000"
+    image = photo(data_dir, "ants")
+    clients, duration, per_client = 4, 15.0, 400      # bounded load: time and count
+    results: list[tuple[float, float, object]] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + duration
+
+    def load() -> None:
+        with httpx.Client(base_url=stack.lb, timeout=TIMEOUT) as client:
+            for _ in range(per_client):
+                if time.monotonic() > stop_at:
+                    return
+                t0 = time.monotonic()
+                try:
+                    outcome: object = client.post(
+                        "/embed", files=[("images", ("a.jpg", image, "image/jpeg"))]).status_code
+                except httpx.HTTPError as exc:
+                    outcome = repr(exc)
+                with lock:
+                    results.append((t0, time.monotonic(), outcome))
+
+    threads = [threading.Thread(target=load) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(4)
+    killed_from = time.monotonic()
+    stack.docker("kill", victim)
+    killed_by = time.monotonic()
+    for thread in threads:
+        thread.join(timeout=duration + 3 * TIMEOUT)
+    assert not any(t.is_alive() for t in threads)
+
+    failed = [(round(a - killed_from, 3), round(b - killed_from, 3), o)
+              for a, b, o in results if o != 200]
+    in_flight = [r for r in results if r[0] < killed_by and r[1] > killed_from]
+    after = [b - a for a, b, o in results if a > killed_by]
+    stack.measured["kill"] = {
+        "requests": len(results), "failed": len(failed), "in_flight_at_kill": len(in_flight),
+        "failures": failed[:10], "after_kill_requests": len(after),
+        "after_kill_max_s": round(max(after), 2) if after else None}
+    assert len(results) >= 50 and len(after) >= 20, stack.measured["kill"]
+    # only requests that were in flight when the replica died may fail, at most one per client
+    assert all(a < killed_by - killed_from and b > 0 for a, b, _ in failed), failed
+    assert len(failed) <= min(clients, len(in_flight)), failed
+    assert stack.inspect(victim)[0]["State"]["Status"] == "exited"   # not restarted: killed
+
+    def shown_down() -> bool:
+        total = stack.query(f'sum(up{{job="{JOB}"}})')
+        return (victim_instance not in stack.up_instances()
+                and bool(total) and float(total[0]["value"][1]) == 2)
+    started = time.monotonic()
+    wait_until(shown_down, "Prometheus to show the killed replica down", 90, 2)
+    stack.measured["prometheus_shows_down_s"] = round(time.monotonic() - started, 1)
+
+
+def test_promote_reaches_every_replica(stack, data_dir):
+    proc = run_cli("export", str(stack.trained_run), "--repository", str(stack.repository),
+                   "--name", stack.published["name"])
+    version = last_json_line(proc.stdout)["version"]
+    assert version > stack.published["version"]
+    subprocess.run(["chmod", "-R", "a+rX", str(stack.repository)], check=True)
+    run_cli("models", "--repository", str(stack.repository), "promote",
+            f"{stack.published['name']}:{version}")
+    replicas = stack.containers("cnn-codes")
+    assert len(replicas) == 2
+
+    def everywhere() -> bool:
+        return all(stack.metric(r, "cnn_codes_model_info", version=str(version)) == 1
+                   for r in replicas)
+    started = time.monotonic()
+    wait_until(everywhere, f"every replica to serve version {version}", 120, 1)
+    stack.measured["promote_reached_all_s"] = round(time.monotonic() - started, 1)
+    with httpx.Client(base_url=stack.lb, timeout=TIMEOUT) as client:
+        for _ in range(6):
+            response = client.post("/embed", files=[("images", ("b.jpg", photo(data_dir),
+                                                                 "image/jpeg"))])
+            assert response.status_code == 200, response.text
+            assert response.json()["model"]["version"] == version
+
+
+def test_compose_down_leaves_nothing_running(stack):
+    pid = (stack.state / "dockerd.pid").read_text().strip()
+    stack.script("down", timeout=300)
+    stack.down_done = True
+    assert not Path(f"/proc/{pid}").exists(), "dockerd still running"
+    assert not stack.state.exists(), "daemon data left behind"
+    ours = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if str(stack.state) in cmdline:
+                ours.append(cmdline)
+    assert not ours, ours
+    mounts = Path("/proc/self/mounts").read_text()
+    assert str(stack.state) not in mounts
+    for port in stack.ports.values():
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still published"
