@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
-from search.build import _progress, default_params, new_index
+from search.build import _progress, check_trainable, default_params, new_index
 from search.manifest import Kind
 from search.sources import SourceError, count_vectors, gather_rows, iter_chunks, open_sources
 
@@ -116,6 +116,7 @@ def find_groups(folders: Sequence[str | Path], threshold: float = DEFAULT_THRESH
     if total == 0:
         raise SourceError("no vectors: every row of the embed folders is an error row")
     params = default_params(kind, total, spec.dim)
+    check_trainable(kind, total, params)
     index = new_index(kind, spec.dim, params)
     if kind == "ivfpq":
         rng = np.random.default_rng(0)
@@ -161,7 +162,7 @@ def write_groups(groups: Groups, out: str | Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from batch.job import _atomic_file
+    from batch.folder import atomic_file as _atomic_file
 
     has = groups.nearest >= 0
     table = pa.table({

@@ -2,7 +2,7 @@
 
 * /metrics stays bounded: BentoML's request metrics and ours label routes, never raw paths, so
   requests to distinct junk paths (401 without a valid key, 404 with one or with no keys
-  configured) share ``endpoint="other"`` (service/bentoml_compat.py, piece 7).
+  configured) share ``endpoint="other"`` (service/bentoml_compat/, piece 7).
 * Connections (piece 8): every server process raises its soft open-file limit to the hard
   limit, so more than 1024 idle sockets do not starve real clients of a server started under a
   soft limit of 1024; connections that stay silent, or send their headers too slowly, are

@@ -1,0 +1,208 @@
+"""Connection limits of BentoML's HTTP server and the open-file limit.
+
+Checked against BentoML 1.4.39 (see :mod:`service.bentoml_compat`).
+"""
+
+from __future__ import annotations
+
+import logging
+import typing as t
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+# --- 8. Connection limits of BentoML's HTTP server -------------------------------------------
+# BentoML 1.4.39's worker (``_bentoml_impl/worker/service.py``, ``main``) builds
+# ``uvicorn.Config`` itself and exposes only ``--timeout-keep-alive`` (``bentoml serve
+# --timeout-keep-alive``, whole seconds, default 5); no ``limit_concurrency``, no header timeout.
+# uvicorn 0.54.0's HTTP protocol (``uvicorn/protocols/http/h11_impl.py`` ``H11Protocol``, the
+# one ``http="auto"`` picks without httptools; ``httptools_impl.py`` ``HttpToolsProtocol``
+# alike) arms that keep-alive timer only in ``on_response_complete`` and cancels it on any byte
+# received (``data_received``): a connection that never sends a request (Kludex/uvicorn#1192)
+# or sends its headers a byte at a time is never closed. Each holds a file descriptor; under
+# the common soft open-file limit of 1024, 1,100 idle sockets from one client made ``accept()``
+# fail (EMFILE) and every request, /readyz included, time out. (uvicorn's
+# ``limit_concurrency`` would not help: it counts idle connections and answers real requests
+# 503.)
+#
+# :func:`install_connection_limits` patches the protocol classes (every connection, every
+# worker) so that:
+#
+# * a connection with no request in progress that receives nothing for ``idle_timeout_s`` is
+#   closed: uvicorn's keep-alive timer, armed from ``connection_made`` too, with
+#   ``idle_timeout_s`` as its ``timeout_keep_alive``;
+# * a request's headers must be complete ``header_timeout_s`` after its first byte, or the
+#   connection is closed (the timer stops once the request is dispatched: slow bodies and long
+#   responses are the request timeout's business);
+# * above ``max_connections`` open connections a new one closes the longest-idle connection
+#   (no request in progress), or itself when none is idle.
+#
+# :func:`raise_nofile_limit` lifts the process's soft ``RLIMIT_NOFILE`` to its hard limit (not
+# BentoML's: it gives the above headroom; workers inherit it from the arbiter and call it too).
+
+_CONN_MARK = "_cnn_codes_connection_limits"
+FD_RESERVE = 256  # descriptors kept for everything but client connections (files, pools, gRPC)
+# BentoML's server logging (``bentoml/_internal/log.py``, ``configure_server_logging``) shows
+# INFO only for the ``bentoml`` logger tree (the root logger is at WARNING): the start-up lines
+# of this piece go there so that the server log shows them.
+_startup_log = logging.getLogger("bentoml.cnn_codes")
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit; return ``(soft, hard)``
+    as they are afterwards. Logs a change; a refusal is a warning (the limit stays)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if target == resource.RLIM_INFINITY:  # Linux refuses infinity; fs.nr_open is the ceiling
+        try:
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("open-file limit: could not raise the soft limit %d to %d: %s",
+                           soft, target, exc)
+        else:
+            _startup_log.info("open-file limit: soft RLIMIT_NOFILE raised from %d to %d "
+                              "(hard %s)", soft, target,
+                              "unlimited" if hard == resource.RLIM_INFINITY else hard)
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def _busy(proto: t.Any) -> bool:
+    """A request of ``proto`` is being handled (its headers were complete)."""
+    cycle = getattr(proto, "cycle", None)
+    return cycle is not None and not cycle.response_complete
+
+
+def _closed(reason: str) -> None:
+    from service.request_metrics import CONNECTIONS_CLOSED
+
+    CONNECTIONS_CLOSED.labels(reason=reason).inc()
+
+
+def _stop_header_timer(proto: t.Any) -> None:
+    timer = getattr(proto, "_cnn_header_timer", None)
+    if timer is not None:
+        timer.cancel()
+        proto._cnn_header_timer = None
+
+
+def _header_timeout(proto: t.Any) -> None:
+    proto._cnn_header_timer = None
+    transport = proto.transport
+    # an upgraded connection (WebSocket) belongs to another protocol object by now
+    if _busy(proto) or transport.is_closing() or transport.get_protocol() is not proto:
+        return
+    logger.debug("closing %s: request headers incomplete after the header timeout",
+                 proto.client)
+    _closed("header_timeout")
+    transport.close()
+
+
+def _evict(proto: t.Any, max_connections: int) -> None:
+    """Above ``max_connections``: close the longest-idle other connection, else ``proto``."""
+    connections = proto.connections
+    if len(connections) <= max_connections:  # the cheap test first: no scan below the bound
+        return
+    # connections closed but not yet lost (evicted a moment ago) no longer count
+    live = [c for c in connections if c.transport is not None and not c.transport.is_closing()]
+    if len(live) <= max_connections:
+        return
+    idle = [c for c in live if c is not proto and not _busy(c)]
+    victim = min(idle, key=lambda c: getattr(c, "_cnn_active", 0.0), default=None)
+    if victim is None:
+        _closed("refused")
+        proto.transport.close()
+    else:
+        _closed("evicted")
+        victim.transport.close()
+
+
+def _patch_protocol(cls: type, limits: dict[str, float]) -> None:
+    made, received = cls.connection_made, cls.data_received
+    complete, lost = cls.on_response_complete, cls.connection_lost
+    keep_alive_expired = cls.timeout_keep_alive_handler
+
+    def connection_made(self: t.Any, transport: t.Any) -> None:
+        made(self, transport)
+        self.timeout_keep_alive = limits["idle_timeout_s"]
+        self._cnn_header_timer = None
+        self._cnn_active = self.loop.time()
+        if transport.is_closing():
+            return
+        # uvicorn arms this timer only after a response: arm it for the first request too
+        self._unset_keepalive_if_required()
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        _evict(self, int(limits["max_connections"]))
+
+    def data_received(self: t.Any, data: bytes) -> None:
+        self._cnn_active = self.loop.time()
+        if getattr(self, "_cnn_header_timer", None) is None and not _busy(self):
+            self._cnn_header_timer = self.loop.call_later(
+                limits["header_timeout_s"], _header_timeout, self)
+        received(self, data)
+        if _busy(self):  # headers complete, request dispatched
+            _stop_header_timer(self)
+
+    def on_response_complete(self: t.Any) -> None:
+        _stop_header_timer(self)
+        self._cnn_active = self.loop.time()
+        complete(self)
+
+    def connection_lost(self: t.Any, exc: Exception | None) -> None:
+        _stop_header_timer(self)
+        lost(self, exc)
+
+    def timeout_keep_alive_handler(self: t.Any) -> None:
+        if not self.transport.is_closing():
+            _closed("idle")
+        keep_alive_expired(self)
+
+    for name, function in [("connection_made", connection_made),
+                           ("data_received", data_received),
+                           ("on_response_complete", on_response_complete),
+                           ("connection_lost", connection_lost),
+                           ("timeout_keep_alive_handler", timeout_keep_alive_handler)]:
+        function.__doc__ = getattr(cls, name).__doc__
+        setattr(cls, name, function)
+    setattr(cls, _CONN_MARK, limits)
+
+
+def install_connection_limits(idle_timeout_s: float, header_timeout_s: float,
+                              max_connections: int) -> int:
+    """Patch uvicorn's HTTP/1.1 protocols (h11, and httptools when installed) as described
+    above; return the effective connection bound (``max_connections``, capped at the soft
+    open-file limit less :data:`FD_RESERVE`, so call :func:`raise_nofile_limit` first).
+    A second call only updates the numbers."""
+    import resource
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        max_connections = min(max_connections, max(16, soft - FD_RESERVE))
+    limits = {"idle_timeout_s": idle_timeout_s, "header_timeout_s": header_timeout_s,
+              "max_connections": max_connections}
+    classes: list[type] = [H11Protocol]
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # httptools not installed: uvicorn uses h11
+        pass
+    else:
+        classes.append(HttpToolsProtocol)
+    for cls in classes:
+        current = getattr(cls, _CONN_MARK, None)
+        if current is not None:
+            current.update(limits)
+        else:
+            _patch_protocol(cls, limits)
+    _startup_log.info("HTTP connections: idle timeout %.1f s, header timeout %.1f s, at most %d "
+                      "per worker", idle_timeout_s, header_timeout_s, max_connections)
+    return max_connections
