@@ -5,9 +5,9 @@ Run: ``make bench-search`` (= ``python -m bench.search ann`` then ``dedup``), or
 
 ``python -m bench.search ann [--sizes 10000,100000,1000000] [--queries 1000]``
     For each N: N vectors of D = 1280 with cluster structure (the real CNN codes of the sample
-    photos, embedded by the model named, each the centre of a cluster: centre + Gaussian noise,
-    L2-normalised; held-out queries drawn the same way), then for ``exact`` / ``ivfpq`` /
-    ``hnsw`` built with the parameters ``cnn-codes index build`` gives them
+    photos, embedded by the model named, each the centre of a cluster: centre + Gaussian noise
+    of a log-uniform scale, L2-normalised; held-out queries drawn the same way), then for
+    ``exact`` / ``ivfpq`` / ``hnsw`` built with the parameters ``cnn-codes index build`` gives them
     (:func:`search.build.default_params`), side by side with a plain numpy brute force
     (``X @ q``, ``argpartition``) on the same queries: build seconds, single-query latency
     p50 / p99 (one thread, one query at a time), batched queries/s (all threads), bytes per
@@ -76,8 +76,10 @@ def real_codes(model, data: Path, work: Path) -> np.ndarray:
 
 
 def clustered(centres: np.ndarray, count: int, noise: float, rng) -> np.ndarray:
-    """``count`` unit vectors: a random centre each plus Gaussian noise of total norm about
-    ``noise`` (the centres are unit vectors), L2-normalised; float32, built in blocks."""
+    """``count`` unit vectors: a random centre each plus Gaussian noise whose total norm is
+    log-uniform in [``noise`` / 10, ``noise``] per vector (the centres are unit vectors; graded
+    distances, as real neighbours have: noise of one scale makes all members of a cluster
+    nearly equidistant, where any approximation ranks by chance), L2-normalised; float32."""
     from models.postprocess import l2_normalize
 
     dim = centres.shape[1]
@@ -85,18 +87,23 @@ def clustered(centres: np.ndarray, count: int, noise: float, rng) -> np.ndarray:
     for start in range(0, count, 65536):
         stop = min(count, start + 65536)
         picks = rng.integers(0, len(centres), stop - start)
+        scale = np.exp(rng.uniform(np.log(noise / 10), np.log(noise), (stop - start, 1)))
         block = centres[picks] + rng.standard_normal((stop - start, dim), np.float32) * \
-            np.float32(noise / np.sqrt(dim))
+            (scale / np.sqrt(dim)).astype(np.float32)
         out[start:stop] = l2_normalize(block)
     return out
 
 
-def numpy_topk(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Brute-force top-k ids by inner product (the baseline), best first."""
-    scores = queries @ base.T
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1)
-    return np.take_along_axis(top, order, 1)
+def numpy_topk(base: np.ndarray, queries: np.ndarray, k: int, block: int = 64) -> np.ndarray:
+    """Brute-force top-k ids by inner product (the baseline), best first; ``block`` queries at
+    a time (the score matrix of 1000 queries x 10^6 vectors would be 4 GB)."""
+    out = []
+    for start in range(0, len(queries), block):
+        scores = queries[start:start + block] @ base.T
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1)
+        out.append(np.take_along_axis(top, order, 1))
+    return np.concatenate(out)
 
 
 def _latencies(search_one, queries: np.ndarray, limit: int) -> dict:
@@ -168,8 +175,8 @@ def bench_ann(args: argparse.Namespace) -> dict:
                    "queries_per_s": round(len(queries) / batch_s, 1), **latency}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            del index
-        del base
+            index = None  # freed before the next kind is built
+        base = None
     return {"noise": args.noise, "queries": args.queries, "threads": threads, "rows": rows}
 
 
@@ -242,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=[10_000, 100_000])
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--single", type=int, default=200, help="single-query timings")
-    parser.add_argument("--noise", type=float, default=0.1,
-                        help="norm of the noise added to a real code (unit vectors)")
+    parser.add_argument("--noise", type=float, default=0.3,
+                        help="largest norm of the noise added to a real code (unit vectors)")
     parser.add_argument("--max-train-rows", type=int, default=65536)
     parser.add_argument("--hnsw-max", type=int, default=10**7,
                         help="skip hnsw above this N (its build is the slowest)")
@@ -253,22 +260,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    result: dict = {"started": datetime.now(timezone.utc).isoformat(),
-                    "machine": machine_info(), "load_average_start": load_average(),
-                    "command": "python -m bench.search " + " ".join(argv or sys.argv[1:])}
+    command = "python -m bench.search " + " ".join(argv or sys.argv[1:])
+    started = datetime.now(timezone.utc).isoformat()
+    result: dict = {"machine": machine_info()}
     if args.part in ("ann", "all"):
-        result["ann"] = bench_ann(args)
+        result["ann"] = {"command": command, "started": started,
+                         "load_average_start": load_average(), **bench_ann(args),
+                         "load_average_end": load_average()}
         print(_table(result["ann"]["rows"], ["n", "kind", "build_s", "p50_ms", "p99_ms",
                                              "queries_per_s", "bytes_per_vector",
                                              "recall_at_10"]))
     if args.part in ("dedup", "all"):
-        result["dedup"] = bench_dedup(args)
+        result["dedup"] = {"command": command, "started": started, **bench_dedup(args)}
         print(_table(result["dedup"]["rows"], ["threshold", "precision", "recall",
                                                "found_pairs", "true_pairs", "merged_photos"]))
-    result["load_average_end"] = load_average()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    previous.update({k: v for k, v in result.items()})
+    previous.update(result)  # a part run alone keeps the other part's last figures
     args.out.write_text(json.dumps(previous, indent=2) + "\n")
     return 0
 

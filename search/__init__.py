@@ -9,7 +9,9 @@ Torch-free (FAISS, numpy, pyarrow for reading batch-job output). Built on what e
   version the codes came from and records recall@10 against exact search;
 * :mod:`search.index` opens an index folder and answers k-nearest-neighbour queries (the
   ``cnn-codes index query`` command and the service's ``POST /search``);
-* :mod:`search.dedup` groups near-duplicates (``cnn-codes dedup``).
+* :mod:`search.dedup` groups near-duplicates (``cnn-codes dedup``);
+* :mod:`search.retrieval` measures kNN accuracy and mAP of a model's codes
+  (``cnn-codes eval retrieval``).
 
 An index folder::
 

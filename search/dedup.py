@@ -162,7 +162,7 @@ def write_groups(groups: Groups, out: str | Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from batch.folder import atomic_file as _atomic_file
+    from batch.folder import atomic_file
 
     has = groups.nearest >= 0
     table = pa.table({
@@ -176,7 +176,7 @@ def write_groups(groups: Groups, out: str | Path) -> None:
     })
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_file(out) as handle:
+    with atomic_file(out) as handle:
         pq.write_table(table, handle, compression="zstd")
 
 

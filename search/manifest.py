@@ -56,8 +56,9 @@ class IndexManifest(BaseModel):
         skipped: error rows of the sources (no vector, not indexed).
         duplicate_paths: paths that appear in more than one row (several sources naming the
             same file; each row is indexed).
-        kind: ``exact`` (flat inner product), ``ivfpq`` (inverted file + product quantisation,
-            4-bit fast-scan codes) or ``hnsw`` (graph over the full vectors).
+        kind: ``exact`` (flat inner product), ``ivfpq`` (inverted file + product quantisation
+            of the residuals, 4-bit fast-scan codes) or ``hnsw`` (graph over the full
+            vectors).
         factory: the FAISS ``index_factory`` string.
         params: the kind's parameters (``nlist``, ``m``, ``nbits``, ``nprobe``; ``M``,
             ``ef_construction``, ``ef_search``), search-time ones included.

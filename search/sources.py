@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batch.job import JOB_FILE, PART_PATTERN, EmbedJobSpec, count_complete_parts
+from batch.folder import JOB_FILE, PART_PATTERN, EmbedJobSpec, count_complete_parts
 from models.postprocess import l2_normalize
 
 #: Fields of the job spec that must agree across the folders of one index.

@@ -74,7 +74,8 @@ _routes = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]),
     traffic={"timeout": SETTINGS.request_timeout_s},
 )
 class CNNCodes:
-    """HTTP API: ``/classify``, ``/embed``, ``GET /metadata``; ready after a canary inference."""
+    """HTTP API: ``/classify``, ``/embed``, ``/search``, ``GET /metadata``; ready after a canary
+    inference."""
 
     encoder = bentoml.depends(Encoder)
 

@@ -17,10 +17,10 @@ from training.config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["backbones", "train", "summary", "viz", "export", "models", "bootstrap", "embed",
-               "index", "dedup", "serve"]
+               "index", "dedup", "eval", "serve"]
 HELP_ARGVS = [[], *[[name] for name in SUBCOMMANDS],
               *[["viz", figure] for figure in ("curves", "filters", "weights", "augment")],
-              ["index", "build"], ["index", "query"]]
+              ["index", "build"], ["index", "query"], ["eval", "retrieval"]]
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:

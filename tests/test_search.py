@@ -309,3 +309,93 @@ def test_dedup_finds_constructed_duplicates(embedded, data_dir, tmp_path):
         size = sum(1 for r in table if r["group_id"] == row["group_id"])
         assert row["group_size"] == size
 
+
+
+def test_retrieval_metrics_on_known_rankings():
+    from search.retrieval import chance_map, evaluate, knn_accuracy, mean_average_precision
+
+    gallery = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], np.float32)
+    labels = np.array(["a", "a", "b", "b"])
+    queries = np.array([[1, 0.05], [0.05, 1]], np.float32)
+    scores = queries @ gallery.T
+    assert knn_accuracy(scores, labels, np.array(["a", "b"]), 1) == 1.0
+    assert mean_average_precision(scores, labels, np.array(["a", "b"])) == 1.0
+    assert mean_average_precision(scores, labels, np.array(["b", "a"])) < 0.5
+    # the expected AP of a random ranking, against simulation
+    rng = np.random.default_rng(0)
+    big = np.array(["a"] * 30 + ["b"] * 70)
+    simulated = np.mean([mean_average_precision(rng.random((1, 100)), big, np.array(["a"]))
+                         for _ in range(3000)])
+    assert chance_map(big, np.array(["a"])) == pytest.approx(simulated, abs=0.01)
+    report = evaluate(gallery, labels, queries, ["a", "b"], model="m:1", layer="embedding")
+    # k = 5 sees the whole gallery, two of each class: the tie goes to the nearest one
+    assert report.knn_accuracy == {"1": 1.0, "5": 1.0} and report.map == 1.0
+
+
+def test_eval_retrieval_command(published, data_dir, tmp_path):
+    from conftest import subset_imagefolder
+
+    data = subset_imagefolder(data_dir, tmp_path / "data", {
+        "train": {"ants": 12, "bees": 12}, "val": {"ants": 6, "bees": 8}})
+    report = last_json_line(run_cli(
+        "eval", "retrieval", "--model", f"{published['name']}:{published['version']}",
+        "--repository", str(published["repository"]), "--data", str(data)).stdout)
+    assert report["model"] == f"{published['name']}:{published['version']}"
+    assert (report["gallery"], report["queries"], report["classes"]) == (24, 14,
+                                                                         ["ants", "bees"])
+    assert set(report["knn_accuracy"]) == {"1", "5"}
+    assert all(0 <= v <= 1 for v in report["knn_accuracy"].values())
+    assert 0 < report["map"] <= 1 and 0 < report["chance_map"] < 1
+    assert report["best_constant_accuracy"] == pytest.approx(8 / 14, abs=1e-4)
+    assert report["chance_knn_accuracy"] in (pytest.approx(6 / 14, abs=1e-4),
+                                             pytest.approx(8 / 14, abs=1e-4))
+
+
+def test_index_holder_picks_up_a_rebuild_and_never_another_version(index, embedded, published,
+                                                                   tmp_path):
+    """The rules of service/search_route.py without a server: a rebuild of the same version is
+    loaded in the background (the old index answers meanwhile); an index of another version
+    put in the folder is never loaded for the served one."""
+    import asyncio
+
+    from models.card import ModelCard
+    from models.errors import RequestError
+    from service.search_route import IndexHolder, IndexMismatchError
+
+    card = ModelCard.model_validate_json((published["path"] / "model_card.json").read_text())
+    folder = tmp_path / "index"
+    shutil.copytree(index["dir"], folder)
+    holder = IndexHolder(folder, poll_s=0.01)
+    holder.load_for(card)
+    first = holder.index.manifest.build_id
+
+    async def scenario() -> None:
+        run_cli("index", "build", str(embedded["val"]), "--out", str(folder), "--overwrite",
+                "--no-progress")
+        await asyncio.sleep(0.05)
+        answering = await holder.for_card(card)  # the old one answers, a reload starts
+        assert answering.manifest.build_id == first
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if holder.index.manifest.build_id != first:
+                break
+        assert holder.index.manifest.count == 153  # the rebuild (val only) is loaded
+        rebuilt = holder.index.manifest.build_id
+
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["model_version"] = card.version + 1  # "an index of the next version"
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        await asyncio.sleep(0.05)
+        for _ in range(5):
+            assert (await holder.for_card(card)).manifest.build_id == rebuilt
+            await asyncio.sleep(0.05)
+        later = card.model_copy(update={"version": card.version + 1})
+        with pytest.raises(RequestError) as refused:  # that version, but other weights
+            await holder.for_card(later.model_copy(update={"onnx_sha256": "0" * 64}))
+        assert refused.value.code == "index_mismatch"
+        loaded = await holder.for_card(later)  # the served version moved to the folder's
+        assert loaded.manifest.model_version == card.version + 1
+
+    asyncio.run(scenario())
+    with pytest.raises(IndexMismatchError, match=f"{card.name}:{card.version + 1}"):
+        IndexHolder(folder).load_for(card)

@@ -7,11 +7,11 @@ import their heavy dependencies (torch, onnx, bentoml) inside ``run``, so ``--he
 
 from __future__ import annotations
 
-from cnn_codes.commands import (backbones, bootstrap, dedup, embed, export, index, models,
-                                serve, summary, train, viz)
+from cnn_codes.commands import (backbones, bootstrap, dedup, embed, eval, export, index,
+                                models, serve, summary, train, viz)
 
 # In the order ``cnn-codes --help`` lists them.
 COMMANDS = (backbones, train, summary, viz, export, models, bootstrap, embed, index, dedup,
-            serve)
+            eval, serve)
 
 __all__ = ["COMMANDS"]

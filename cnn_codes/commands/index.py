@@ -49,7 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="exact (flat), ivfpq (IVF + 4-bit PQ, compressed) or hnsw (graph)")
     b.add_argument("--nlist", type=positive_int, help="ivfpq: inverted lists (default 4 sqrt N)")
     b.add_argument("--m", type=positive_int,
-                   help="ivfpq: PQ sub-quantisers, a divisor of D (default near D/10)")
+                   help="ivfpq: PQ sub-quantisers, a divisor of D (default near D/4)")
     b.add_argument("--nprobe", type=positive_int, help="ivfpq: lists searched per query")
     b.add_argument("--hnsw-m", type=positive_int, help="hnsw: graph degree M (default 32)")
     b.add_argument("--ef-construction", type=positive_int, help="hnsw: default 80")
