@@ -21,6 +21,7 @@ from torch import nn
 from export.quantize import (PRECISIONS, Int8Options, VariantRejectedError, VariantThresholds,
                              compare_variant, load_images, make_variant, sample_paths,
                              thresholds_dict)
+from export.retrieval_figures import retrieval_figures
 from models.card import (INPUT_NAME, OUTPUT_NAMES, ModelCard, ParityReport, TensorSpec,
                          VariantCheck, sha256_file)
 from models.postprocess import cosine_rows
@@ -156,7 +157,8 @@ def export_run(run_dir: Path, *, repository: Path, name: str, checkpoint: str = 
                precision: str = "fp32", calibration_data: Path | None = None,
                calibration_limit: int | None = 64,
                variant_thresholds: VariantThresholds = VariantThresholds(),
-               int8_options: Int8Options = Int8Options()) -> PublishedModel:
+               int8_options: Int8Options = Int8Options(),
+               retrieval: bool = True) -> PublishedModel:
     """Export a training run, check it, and publish it as the next version of ``name``.
 
     With ``precision`` ``int8`` or ``fp16`` the fp32 export (checked against torch as always)
@@ -177,6 +179,9 @@ def export_run(run_dir: Path, *, repository: Path, name: str, checkpoint: str = 
         calibration_limit: at most this many calibration images (a seeded random sample).
         variant_thresholds: what the variant must meet against fp32.
         int8_options: how int8 quantises.
+        retrieval: record retrieval figures in the card (the exported codes of the val photos
+            against the train photos beside ``parity_data``, see
+            :mod:`export.retrieval_figures`).
 
     Returns:
         The published model (path + card).
@@ -243,6 +248,8 @@ def export_run(run_dir: Path, *, repository: Path, name: str, checkpoint: str = 
                       "val_acc": best.get("val_acc"), "train_acc": best.get("train_acc"),
                       "run_dir": str(run_dir.resolve())},
             parity=parity, precision=precision, variant_check=variant_check,
+            retrieval=retrieval_figures(onnx_path, spec, Path(parity_data).parent,
+                                        name=name) if retrieval else None,
         )
         return publish(repository, card, onnx_path)
 

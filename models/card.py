@@ -122,6 +122,9 @@ class ModelCard(BaseModel):
     # precision variants (int8, fp16) only: the check against the fp32 reference. ``parity``
     # of a variant's card is the fp32 reference's (onnxruntime fp32 vs torch).
     variant_check: VariantCheck | None = None
+    # retrieval quality of the codes (val queries vs the train gallery): kNN accuracy at k,
+    # mAP, and what a constant guess / random ranking score (export/retrieval_figures.py)
+    retrieval: dict[str, Any] | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
     def output(self, name: str) -> TensorSpec:

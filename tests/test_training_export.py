@@ -143,3 +143,18 @@ def test_bootstrap_builds_default_model_once(data_dir, tmp_path):
     assert (tmp_path / "runs" / "default-mobilenet_v3_small" / "best.pt").is_file()
     run_cli("bootstrap", env=env, cwd=tmp_path)  # already there: builds nothing new
     assert list_versions(tmp_path / "repo", "default") == [1]
+
+
+def test_export_records_retrieval_figures_and_models_list_shows_them(published):
+    """The card carries the exported codes' retrieval quality (val vs train) beside what a
+    constant guess and a random ranking score; ``models list`` prints them."""
+    card = ModelCard.model_validate_json((published["path"] / "model_card.json").read_text())
+    figures = card.retrieval
+    assert figures is not None and figures["layer"] == "embedding"
+    assert figures["gallery"] > 100 and figures["queries"] > 100
+    assert set(figures["knn_accuracy"]) == {"1", "5"}
+    assert all(0.0 <= v <= 1.0 for v in figures["knn_accuracy"].values())
+    assert 0.0 < figures["map"] <= 1.0 and 0.0 < figures["chance_map"] < 1.0
+    assert figures["classes"] == card.class_names
+    listed = run_cli("models", "list", "--repository", str(published["repository"])).stdout
+    assert f"mAP={figures['map']}" in listed and "knn@1=" in listed

@@ -33,6 +33,28 @@ def _list(repository: Path) -> None:
     for name, versions in list_models(repository).items():
         aliases = ",".join(f"{a}={v}" for a, v in sorted(read_aliases(repository, name).items()))
         print(f"{name}\t{','.join(map(str, versions))}" + (f"\t{aliases}" if aliases else ""))
+        for version in versions:
+            figures = _retrieval_line(repository, name, version)
+            if figures:
+                print(f"  {name}:{version}\t{figures}")
+
+
+def _retrieval_line(repository: Path, name: str, version: int) -> str:
+    """``knn@1=.. knn@5=.. mAP=.. (constant .., random mAP ..)`` from the card, or ''."""
+    import json
+
+    from models.card import CARD_FILENAME
+
+    try:
+        card = json.loads((repository / name / str(version) / CARD_FILENAME).read_text())
+    except (OSError, ValueError):
+        return ""
+    figures = card.get("retrieval") or {}
+    if not figures:
+        return ""
+    knn = " ".join(f"knn@{k}={v}" for k, v in figures.get("knn_accuracy", {}).items())
+    return (f"{knn} mAP={figures.get('map')} (constant {figures.get('best_constant_accuracy')}, "
+            f"random mAP {figures.get('chance_map')})")
 
 
 def _act(args: argparse.Namespace, repository: Path, name: str, version: str) -> None:
