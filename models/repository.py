@@ -287,7 +287,7 @@ def publish(
             final = card.model_copy(update={"version": version})
             (staging / CARD_FILENAME).write_text(final.model_dump_json(indent=2))
             seal_card(staging)
-            _fsync_dir_files(staging)
+            fsync_dir_files(staging)
             try:
                 os.rename(staging, root / str(version))
             except OSError:
@@ -300,7 +300,7 @@ def publish(
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _fsync_dir_files(folder: Path) -> None:
+def fsync_dir_files(folder: Path) -> None:
     """Flush every file in ``folder`` to disk before it is renamed into view."""
     for child in folder.iterdir():
         with open(child, "rb") as handle:

@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from models.repository import _fsync_dir_files
+from models.repository import fsync_dir_files
 from search.index import apply_search_params
 from search.manifest import (INDEX_FILE, MANIFEST_FILE, PATHS_FILE, IndexManifest, Kind,
                              SourceRef)
-from search.sources import (EmbeddingSource, SourceError, count_vectors, gather_rows,
-                            iter_chunks, open_sources)
+from search.sources import (EmbeddingSource, SourceError, gather_rows, iter_chunks,
+                            open_counted)
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def publish_folder(staging: Path, out: Path, *, overwrite: bool) -> None:
     Raises:
         FileExistsError: ``out`` exists and not ``overwrite``.
     """
-    _fsync_dir_files(staging)
+    fsync_dir_files(staging)
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{out} exists: choose another --out or pass --overwrite")
@@ -184,12 +184,8 @@ def build_index(folders: Sequence[str | Path], out: str | Path, kind: Kind = "ex
     out = Path(out).resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists: choose another --out or pass --overwrite")
-    sources = open_sources(folders)
+    sources, counts, total = open_counted(folders, "to index")
     spec = sources[0].spec
-    counts = [count_vectors(s) for s in sources]
-    total = sum(c[0] for c in counts)
-    if total == 0:
-        raise SourceError("no vectors to index: every row of the embed folders is an error row")
     chosen = {**default_params(kind, total, spec.dim), **(params or {})}
     check_trainable(kind, total, chosen)
     rng = np.random.default_rng(seed)

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from search.build import _progress, check_trainable, default_params, new_index
 from search.manifest import Kind
-from search.sources import SourceError, count_vectors, gather_rows, iter_chunks, open_sources
+from search.sources import gather_rows, iter_chunks, open_counted
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +109,8 @@ def find_groups(folders: Sequence[str | Path], threshold: float = DEFAULT_THRESH
     Raises:
         SourceError: see :func:`search.sources.open_sources`; or no vectors.
     """
-    sources = open_sources(folders)
+    sources, counts, total = open_counted(folders, "to group")
     spec = sources[0].spec
-    counts = [count_vectors(s) for s in sources]
-    total = sum(c[0] for c in counts)
-    if total == 0:
-        raise SourceError("no vectors: every row of the embed folders is an error row")
     params = default_params(kind, total, spec.dim)
     check_trainable(kind, total, params)
     index = new_index(kind, spec.dim, params)

@@ -103,6 +103,28 @@ def count_vectors(source: EmbeddingSource) -> tuple[int, int]:
     return vectors, errors
 
 
+def open_counted(folders: Sequence[str | Path], what: str
+                 ) -> tuple[list[EmbeddingSource], list[tuple[int, int]], int]:
+    """:func:`open_sources` and :func:`count_vectors` of each, for a job that needs vectors.
+
+    Args:
+        folders: ``cnn-codes embed`` output folders of one model version and layer.
+        what: what the vectors are for, for the error message (e.g. ``"to index"``).
+
+    Returns:
+        ``(sources, (vectors, error rows) per source, total vectors)``.
+
+    Raises:
+        SourceError: see :func:`open_sources`; or no vector at all (every row an error row).
+    """
+    sources = open_sources(folders)
+    counts = [count_vectors(s) for s in sources]
+    total = sum(c[0] for c in counts)
+    if total == 0:
+        raise SourceError(f"no vectors {what}: every row of the embed folders is an error row")
+    return sources, counts, total
+
+
 def _vectors(column, dim: int) -> np.ndarray:
     """``fixed_size_list<float>[dim]`` without nulls -> ``(n, dim)`` float32."""
     import pyarrow as pa

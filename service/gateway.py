@@ -27,7 +27,7 @@ import base64
 import binascii
 import json
 import uuid
-from typing import Any
+from typing import Any, AsyncIterator
 from urllib.parse import parse_qsl
 
 from starlette.responses import JSONResponse
@@ -115,6 +115,43 @@ def transcode_raw(body: bytes, query_string: bytes) -> tuple[bytes, str]:
     return encode_multipart([("body", body)], options)
 
 
+async def read_body(chunks: AsyncIterator[bytes], declared: str | None, limit: int) -> bytes:
+    """A request body of at most ``limit`` bytes, refused as soon as the declared
+    ``Content-Length`` or the bytes received so far exceed it (every HTTP front reads bodies
+    through this).
+
+    Raises:
+        RequestError: ``body_too_large``.
+    """
+    too_large = RequestError("body_too_large", f"the request body exceeds the limit of {limit} "
+                                               "bytes (CNN_CODES_MAX_REQUEST_BYTES)")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _asgi_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """The body chunks of an ASGI ``http.request`` stream.
+
+    Raises:
+        RequestError: ``bad_request`` when the client disconnects before the body ended.
+    """
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise RequestError("bad_request", "the client disconnected before the body ended")
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
 class Gateway:
     """ASGI middleware implementing the module's steps; one instance per API worker.
 
@@ -190,31 +227,13 @@ class Gateway:
         await bounded_readiness(self.app, scope, receive, send,
                                 self.settings.readiness_timeout_s)
 
-    async def _read_body(self, receive: Receive, declared: str | None) -> bytes:
-        limit = self.settings.max_request_bytes
-        too_large = RequestError("body_too_large", f"the request body exceeds the limit of {limit} bytes")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise too_large
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise RequestError("bad_request", "the client disconnected before the body ended")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
     async def _normalise_body(self, scope: Scope, receive: Receive,
                               headers: dict[str, str]) -> tuple[Scope, Receive]:
         """Read the body within the limit; transcode JSON / raw images to multipart."""
         content_type = headers.get("content-type", "")
         media_type = content_type.split(";")[0].strip().lower()
-        body = await self._read_body(receive, headers.get("content-length"))
+        body = await read_body(_asgi_chunks(receive), headers.get("content-length"),
+                               self.settings.max_request_bytes)
         if media_type == "multipart/form-data":
             new_type = content_type
         elif media_type == "application/json" and scope["path"] in VECTOR_PATHS and \

@@ -108,6 +108,19 @@ def metric(url: str, name: str, /, **labels: str) -> float:
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
+def wait_until(check, what: str, timeout: float = 60.0, interval: float = 0.5):
+    """Call ``check`` every ``interval`` s until it returns something truthy (returned);
+    fail the test naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
 def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 120) -> None:
     """Poll ``url/readyz`` until 200; fail with the log's tail on timeout or if ``proc`` exits."""
     deadline = time.monotonic() + timeout

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 
-from conftest import REPO_ROOT, base_env, free_port, last_json_line, run_cli
+from conftest import REPO_ROOT, base_env, free_port, last_json_line, run_cli, wait_until
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("CNN_CODES_COMPOSE_TESTS") != "1",
@@ -42,16 +42,6 @@ PROJECT = "cnn-codes-test"
 TIMEOUT = 60.0
 JOB = "cnn-codes"                   # the scrape job of deploy/prometheus/prometheus.yml
 
-
-def wait_until(check, what: str, timeout: float, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 class Stack:

@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -24,7 +23,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import yaml
 
-from conftest import REPO_ROOT, Server, free_port, metric
+from conftest import REPO_ROOT, Server, free_port, metric, wait_until
 
 DEPLOY = REPO_ROOT / "deploy"
 TEMPLATE = DEPLOY / "nginx" / "cnn-codes.conf.template"
@@ -50,16 +49,6 @@ def render(template: str, values: dict[str, str]) -> str:
     assert not missing, f"template variables without a value: {missing}"
     return re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], template)
 
-
-def wait_until(check, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.5)
 
 
 class Process:

@@ -38,6 +38,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from models.errors import RequestError
+from service.gateway import read_body
 from service.kserve.http_codec import infer_response, parse_infer
 from service.kserve.protocol import InferenceFront, ServedModel
 
@@ -107,7 +108,8 @@ def routes(get_service: Callable[[], ServedModel]) -> list[Route]:
         """``POST /v2/models/<name>[/versions/<v>]/infer``."""
         name, version = _model(request)
         oip.resolve(name, version)
-        body = await _read_body(request, oip.settings.max_request_bytes)
+        body = await read_body(request.stream(), request.headers.get("content-length"),
+                               oip.settings.max_request_bytes)
         parsed, want_binary = parse_infer(body, request.headers.get(HEADER_LENGTH),
                                            name, version)
         response = await oip.infer(parsed, protocol="http")
@@ -128,21 +130,3 @@ def routes(get_service: Callable[[], ServedModel]) -> list[Route]:
             Route(base + "/infer", handler(infer), methods=["POST"]),
         ]
     return table
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (declared or streamed)."""
-    too_large = RequestError("body_too_large",
-                             f"the request body exceeds the limit of {limit} bytes "
-                             "(CNN_CODES_MAX_REQUEST_BYTES)")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
