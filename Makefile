@@ -18,7 +18,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[train,test,batch,ray]'
+	$(BIN)/python -m pip install --quiet -e '.[train,test,batch,ray,viz]'
 	touch $(STAMP)
 
 ## Build the default model if the model repository is empty (fine-tune -> export -> publish).
@@ -29,7 +29,8 @@ model: venv
 serve: model
 	$(BIN)/cnn-codes serve --host $(HOST) --port $(PORT)
 
-## Real nginx and Prometheus from Debian for tests/test_deploy.py (the compose topology on loopback).
+## Real nginx and Prometheus from Debian for tests/test_deploy.py (the compose topology on loopback),
+## chromium + chromium-driver for tests/test_page.py (the page at / in headless Chromium).
 deploy-deps:
 	scripts/install-deploy-deps.sh
 
@@ -47,8 +48,15 @@ clean:
 ## Benchmarks (bench/, not part of the tests): `make bench` (~10 min), `make bench BENCH_ARGS=--quick`.
 BENCH_STAMP := $(VENV)/.bench-stamp
 TS_VENV := bench/.venv-torchserve
+TRITON_VENV := bench/.venv-triton
+RAY_SERVE_VENV := bench/.venv-ray-serve
+# What the Triton and Ray Serve replicas import of this repository (models.decode, models.runtime,
+# put on PYTHONPATH by the harness), at the pins of pyproject.toml's dependencies.
+PEER_DEPS := onnxruntime==1.31.1 pillow==13.0.0 pydantic-settings==2.16.3
+# Ray Serve at the Ray version the batch engine pins (pyproject.toml's `ray` extra).
+RAY_VERSION := $(shell sed -n 's/.*"ray\[data\]==\([0-9][0-9.]*\)".*/\1/p' pyproject.toml)
 BENCH_ARGS ?=
-.PHONY: bench bench-deps bench-torchserve
+.PHONY: bench bench-deps bench-torchserve bench-triton bench-ray-serve
 
 bench-deps: $(BENCH_STAMP)
 
@@ -66,11 +74,39 @@ $(TS_VENV)/.installed-stamp: $(STAMP)
 	$(TS_VENV)/bin/python -m pip install --quiet torchserve==0.12.0 torch-model-archiver==0.12.0 captum==0.9.0
 	touch $@
 
-## A failed TorchServe install does not stop the run: the harness records why (install log).
+## Triton Inference Server 2.51 as PyTriton ships it (server binary and Python backend inside the
+## wheel; CPU-only here) in its own venv: PyTriton pins numpy < 2, the project has numpy 2.
+bench-triton: $(TRITON_VENV)/.installed-stamp
+
+$(TRITON_VENV)/.installed-stamp: $(STAMP)
+	test -x $(TRITON_VENV)/bin/python || $(BIN)/python -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install --quiet nvidia-pytriton==0.7.0 $(PEER_DEPS)
+	touch $@
+
+## Ray Serve in its own venv: ray[serve] pulls uvicorn[standard] (uvloop, httptools) and a newer
+## FastAPI, which in .venv would change the servers of our service and of the FastAPI baseline.
+## python-multipart (the bench extra's pin) parses the multipart uploads in the replica.
+bench-ray-serve: $(RAY_SERVE_VENV)/.installed-stamp
+
+$(RAY_SERVE_VENV)/.installed-stamp: $(STAMP)
+	test -n "$(RAY_VERSION)" || { echo "no ray[data]==X pin in pyproject.toml"; exit 1; }
+	test -x $(RAY_SERVE_VENV)/bin/python || $(BIN)/python -m venv $(RAY_SERVE_VENV)
+	$(RAY_SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(RAY_SERVE_VENV)/bin/python -m pip install --quiet "ray[serve]==$(RAY_VERSION)" \
+	  python-multipart==0.0.34 $(PEER_DEPS)
+	touch $@
+
+## A failed TorchServe / Triton / Ray Serve install does not stop the run: the harness records
+## why (install logs in bench/.cache).
 bench: $(BENCH_STAMP)
 	mkdir -p bench/.cache
 	$(MAKE) --no-print-directory bench-torchserve > bench/.cache/torchserve-install.log 2>&1 \
 	  || echo "TorchServe did not install; see bench/.cache/torchserve-install.log"
+	$(MAKE) --no-print-directory bench-triton > bench/.cache/triton-install.log 2>&1 \
+	  || echo "Triton (PyTriton) did not install; see bench/.cache/triton-install.log"
+	$(MAKE) --no-print-directory bench-ray-serve > bench/.cache/ray-serve-install.log 2>&1 \
+	  || echo "Ray Serve did not install; see bench/.cache/ray-serve-install.log"
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 ## Precision benchmark (bench/precision.py, not a test): fp32 vs int8 onnxruntime CPU throughput

@@ -14,10 +14,11 @@ from typing import Any, Sequence
 import httpx
 import numpy as np
 
-from bench.loadgen import HttpRequest, multipart_request, raw_request
+from bench.loadgen import HttpRequest, kserve_binary_request, multipart_request, raw_request
 from bench.model import REPO_ROOT, BenchModel, offline_env
 from bench.photos import Photo
 from bench.procs import ManagedServer, free_port, http_ok
+from bench.promscrape import scrape_counter_totals
 from bench.systems import Endpoint, System
 from models.postprocess import cosine_rows
 
@@ -174,3 +175,121 @@ def torchserve_system(model: BenchModel, photos: Sequence[Photo], work_dir: Path
                          "handler = stock ImageClassifier with topk 2 (K=2)",
                          "stock preprocessing: Resize(256) (ours: 232 for this preset), no "
                          "JPEG draft mode, no RGB conversion (the palette GIF fails)"])
+
+
+def _cosine_vs_reference(vector: np.ndarray, shared: dict[str, Any]) -> float | None:
+    """Cosine of ``vector`` and our service's embedding of the same photo (None before ours ran)."""
+    ref = shared.get("reference_embedding")
+    if ref is None:
+        return None
+    return round(float(cosine_rows(vector[None].astype(np.float64), ref[None])[0]), 6)
+
+
+def _grpc_embedding(target: str, request: Any) -> np.ndarray:
+    """The ``embedding`` row of one KServe v2 ``ModelInfer`` answer (raw FP32 contents)."""
+    import grpc
+
+    from bench import grpcload
+
+    _, pb_grpc = grpcload.stubs()
+    with grpc.insecure_channel(target, options=grpcload.GRPC_OPTIONS) as channel:
+        reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    return np.frombuffer(reply.raw_output_contents[0], dtype="<f4").astype(np.float64)
+
+
+def triton_system(model: BenchModel, photos: Sequence[Photo], work_dir: Path,
+                  shared: dict[str, Any], profile: bool) -> System:
+    """Triton Inference Server 2.51 (PyTriton 0.7.0), dynamic batcher, onnxruntime in the bound
+    ``infer_func`` (see :mod:`bench.baselines.triton`); KServe v2 over gRPC and HTTP.
+
+    Raises:
+        TritonUnavailable: ``bench/.venv-triton`` is missing or PyTriton does not import.
+    """
+    from bench import grpcload
+    from bench.baselines import triton as tr
+
+    reason = tr.unavailable_reason()
+    if reason is not None:
+        raise tr.TritonUnavailable(reason)
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    url = f"http://127.0.0.1:{http_port}"
+    home = work_dir / f"triton-{http_port}"
+    (home / "tmp").mkdir(parents=True, exist_ok=True)
+    env = offline_env(TMPDIR=str(home / "tmp"))
+    argv = [str(tr.TRITON_VENV / "bin" / "python"), "-m", "bench.baselines.triton",
+            "--repository", str(model.repository), "--name", model.name,
+            "--version", str(model.version), "--http-port", str(http_port),
+            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+            "--workspace", str(home / "workspace")]
+    server = ManagedServer("triton", argv, env, REPO_ROOT, work_dir / "logs" / "triton.log")
+    target = f"127.0.0.1:{grpc_port}"
+    grpc_requests = grpcload.infer_requests(photos, model.name, tr.INPUT_NAME, tr.OUTPUT_NAME,
+                                            shape=(1, 1))
+    infer_path = f"/v2/models/{model.name}/infer"
+    http_requests = [kserve_binary_request(infer_path, p, tr.INPUT_NAME, tr.OUTPUT_NAME)
+                     for p in photos]
+    reference = photos.index(_reference_photo(photos))
+
+    def sanity() -> dict[str, Any]:
+        vector = _grpc_embedding(target, grpc_requests[reference])
+        return {"embedding_dim": int(vector.size),
+                "embedding_norm": round(float(np.linalg.norm(vector)), 4),
+                "cosine_vs_cnn_codes": _cosine_vs_reference(vector, shared)}
+
+    def batches():
+        return scrape_counter_totals(f"http://127.0.0.1:{metrics_port}/metrics",
+                                     "nv_inference_count", "nv_inference_exec_count",
+                                     {"model": model.name})
+
+    return System("triton", "Triton 2.51 (PyTriton, onnxruntime)", server, url,
+                  lambda: http_ok(f"{url}/v2/models/{model.name}/ready"),
+                  [Endpoint("grpc_embed", grpc_requests, protocol="grpc", target=target),
+                   Endpoint("v2_embed", http_requests)],
+                  batch_probe=batches, sanity=sanity, profile=profile, ready_timeout_s=300,
+                  notes=["nvidia-pytriton 0.7.0 (Triton 2.51 server + Python backend from the "
+                         "wheel), CPU only; one model instance, dynamic batcher "
+                         "max_batch_size 32, max_queue_delay 0 us (stock)",
+                         "infer_func (@batch): models.decode on a thread per core, then one "
+                         "onnxruntime run per batch (the service's session options)",
+                         "KServe v2: BYTES input 'images' shape [1, 1] (Triton needs a "
+                         "non-batch dim), FP32 'embedding'; v2_embed = HTTP with the binary "
+                         "tensor extension"])
+
+
+def ray_serve_system(model: BenchModel, photos: Sequence[Photo], work_dir: Path,
+                     shared: dict[str, Any], profile: bool) -> System:
+    """Ray Serve, one replica with ``@serve.batch`` and onnxruntime, HTTP ingress, multipart
+    ``/embed`` like ours (see :mod:`bench.baselines.ray_serve`).
+
+    Raises:
+        RayServeUnavailable: ``bench/.venv-ray-serve`` is missing or Ray Serve does not import.
+    """
+    from bench.baselines import ray_serve as rs
+
+    reason = rs.unavailable_reason()
+    if reason is not None:
+        raise rs.RayServeUnavailable(reason)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = offline_env(RAY_USAGE_STATS_ENABLED="0")
+    argv = [str(rs.RAY_SERVE_VENV / "bin" / "python"), "-m", "bench.baselines.ray_serve",
+            "--repository", str(model.repository), "--name", model.name,
+            "--version", str(model.version), "--port", str(port)]
+    server = ManagedServer("ray-serve", argv, env, REPO_ROOT, work_dir / "logs" / "ray-serve.log",
+                           term_root_only=True)
+
+    def sanity() -> dict[str, Any]:
+        vector = _embedding(url, _reference_photo(photos))
+        return {"embedding_dim": int(vector.size),
+                "cosine_vs_cnn_codes": _cosine_vs_reference(vector, shared)}
+
+    return System("ray_serve", "Ray Serve (@serve.batch, onnxruntime)", server, url,
+                  lambda: http_ok(f"{url}/readyz"), [Endpoint("embed", _embed_requests(photos))],
+                  sanity=sanity, profile=profile, ready_timeout_s=300,
+                  notes=["ray[serve] at the batch engine's Ray version; local Ray instance "
+                         "(no dashboard), Serve's HTTP proxy, 1 replica, max_ongoing_requests "
+                         "64, @serve.batch max_batch_size 32, batch_wait_timeout_s 0.01 "
+                         "(stock)",
+                         "replica: multipart parse, models.decode in a thread pool (one per "
+                         "core), onnxruntime per batch in a thread (the service's session "
+                         "options)"])

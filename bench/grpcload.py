@@ -32,13 +32,18 @@ def stubs() -> tuple[Any, Any]:
 
 
 def infer_requests(photos: Sequence[Photo], model_name: str, input_name: str = "images",
-                   output: str = "embedding") -> list[Any]:
-    """One ``ModelInferRequest`` per photo: ``BYTES [1]`` encoded file in, ``output`` out."""
+                   output: str = "embedding", shape: Sequence[int] = (1,)) -> list[Any]:
+    """One ``ModelInferRequest`` per photo: ``BYTES`` encoded file in, ``output`` out.
+
+    Args:
+        shape: of the one-element input, ``[1]`` (our front) or ``[1, 1]`` (Triton, whose
+            batching models need a dimension besides the batch).
+    """
     pb, _ = stubs()
     return [pb.ModelInferRequest(
         model_name=model_name,
         inputs=[pb.ModelInferRequest.InferInputTensor(
-            name=input_name, datatype="BYTES", shape=[1],
+            name=input_name, datatype="BYTES", shape=list(shape),
             contents=pb.InferTensorContents(bytes_contents=[photo.data]))],
         outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=output)])
         for photo in photos]

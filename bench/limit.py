@@ -156,31 +156,3 @@ def pipeline_limit(onnx_rows: list[dict[str, Any]], decode: dict[str, Any]) -> d
         "decode_all_cores_images_per_s": dec,
         "shared_cores_images_per_s": round(1.0 / (1.0 / onnx_best + 1.0 / dec), 1),
     }
-
-
-
-def batch_job_throughput(data_dir: Path, repository: Path, model_ref: str,
-                         work_dir: Path) -> dict[str, Any]:
-    """Images/s of ``cnn-codes embed`` (local engine) over every photo under ``data_dir``.
-
-    Runs the real command in a subprocess, the way a user runs a batch job; the figure is the
-    job report's ``images_per_s``, which includes listing the files and opening the session.
-
-    Returns:
-        ``{"images", "errors", "seconds", "images_per_s", "command"}``.
-
-    Raises:
-        RuntimeError: the command failed (with its output tail).
-    """
-    import json
-
-    from bench.model import _cli
-
-    args = ["embed", str(data_dir), "--out", str(work_dir / "embed-job"),
-            "--repository", str(repository), "--model", model_ref, "--no-progress"]
-    report = json.loads(_cli(*args, timeout=1800).strip().splitlines()[-1])
-    logger.info("batch job: %s images/s over %d images", report["images_per_s"],
-                report["images"])
-    return {"images": report["images"], "errors": report["errors"],
-            "seconds": report["seconds"], "images_per_s": report["images_per_s"],
-            "command": "cnn-codes " + " ".join(args)}

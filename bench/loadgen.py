@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
+import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -67,6 +69,21 @@ def multipart_request(path: str, photos: Sequence[Photo], fields: dict[str, str]
 def raw_request(path: str, photo: Photo) -> HttpRequest:
     """A POST whose body is the encoded image itself (TorchServe's ``/predictions``)."""
     return HttpRequest("POST", path, photo.data, {"Content-Type": photo.content_type})
+
+
+def kserve_binary_request(path: str, photo: Photo, input_name: str, output: str,
+                          shape: Sequence[int] = (1, 1)) -> HttpRequest:
+    """A KServe v2 HTTP ``infer`` POST with Triton's binary tensor data extension: a JSON header
+    (``Inference-Header-Content-Length`` bytes) then the ``BYTES`` input, one encoded photo as a
+    4-byte little-endian length + the file; the ``output`` comes back as binary data too."""
+    header = json.dumps({
+        "inputs": [{"name": input_name, "shape": list(shape), "datatype": "BYTES",
+                    "parameters": {"binary_data_size": 4 + len(photo.data)}}],
+        "outputs": [{"name": output, "parameters": {"binary_data": True}}],
+    }).encode()
+    return HttpRequest("POST", path, header + struct.pack("<I", len(photo.data)) + photo.data,
+                       {"Content-Type": "application/octet-stream",
+                        "Inference-Header-Content-Length": str(len(header))})
 
 
 RETRY_AFTER_CAP_S = 1.0

@@ -7,7 +7,8 @@ from typing import Any
 
 
 def throughput_plot(result: dict[str, Any], path: Path) -> None:
-    """Throughput vs concurrency for every system/endpoint, with the limit lines (PNG)."""
+    """Throughput vs concurrency for every system/endpoint, with the limit lines and the batch
+    job's images/s (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,6 +30,10 @@ def throughput_plot(result: dict[str, Any], path: Path) -> None:
                    label=f"pipeline limit ({pipe['bound_by']} alone)")
         ax.axhline(pipe["shared_cores_images_per_s"], color="gray", linestyle=":",
                    label="both stages sharing the cores")
+    job = ((result.get("batch_job") or {}).get("configs") or {}).get("local") or {}
+    if job.get("images_per_s"):
+        ax.axhline(job["images_per_s"], color="tab:brown", linestyle="-.",
+                   label="cnn-codes embed (batch job, start-up excluded)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(result["plan"]["concurrency"])
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())

@@ -97,11 +97,16 @@ class ManagedServer:
         env: its environment.
         cwd: its working directory.
         log_path: where its stdout + stderr go.
+        term_root_only: :meth:`stop` sends SIGTERM to the root process alone and lets it stop
+            its own children (Ray's driver shuts down the GCS and raylet it started; SIGTERM to
+            the whole group would kill those first and leave the driver's shutdown hanging),
+            then SIGKILLs whatever is left of the group.
     """
 
     def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], cwd: Path,
-                 log_path: Path) -> None:
+                 log_path: Path, *, term_root_only: bool = False) -> None:
         self.name = name
+        self.term_root_only = term_root_only
         self.argv = list(argv)
         self.env = env
         self.cwd = cwd
@@ -151,11 +156,15 @@ class ManagedServer:
         raise RuntimeError(f"{self.name} not ready after {timeout_s} s:\n{self.log_tail()}")
 
     def stop(self, grace_s: float = 30) -> None:
-        """SIGTERM the process group, SIGKILL it if it lingers; idempotent."""
+        """SIGTERM the process group (or its root, ``term_root_only``), SIGKILL the group if it
+        lingers; idempotent."""
         if self.proc is not None and self.proc.poll() is None:
             logger.info("stopping %s (pgid %d)", self.name, self.proc.pid)
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
+                if self.term_root_only:
+                    self.proc.send_signal(signal.SIGTERM)
+                else:
+                    os.killpg(self.proc.pid, signal.SIGTERM)
                 self.proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)

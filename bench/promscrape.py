@@ -52,3 +52,23 @@ def batch_summary(delta: HistogramTotals) -> dict:
     return {"mean_batch_size": None if delta.mean is None else round(delta.mean, 2),
             "batches": int(delta.count),
             "batch_size_buckets": {le: int(n) for le, n in delta.buckets.items()}}
+
+
+def scrape_counter_totals(metrics_url: str, items: str, batches: str,
+                          labels: dict[str, str] | None = None,
+                          timeout_s: float = 10.0) -> HistogramTotals:
+    """Batch totals from two counters on ``metrics_url`` (a server without a batch-size
+    histogram, e.g. Triton's ``nv_inference_count`` = images inferred and
+    ``nv_inference_exec_count`` = batches run), summed over the samples matching ``labels``.
+
+    Returns:
+        ``total`` = the ``items`` counter, ``count`` = the ``batches`` counter, no buckets.
+    """
+    text = httpx.get(metrics_url, timeout=timeout_s).text
+    sums = {items: 0.0, batches: 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name.removesuffix("_total")
+            if name in sums and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                sums[name] += sample.value
+    return HistogramTotals(sums[items], sums[batches], {})

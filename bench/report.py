@@ -26,6 +26,33 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
+def _per_level(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]
+               ) -> tuple[dict[int, float | None], float | None, int | None]:
+    """Ours / theirs images/s at every concurrency both measured; the smallest and its level."""
+    per_level = {}
+    for cell in theirs:
+        mine = _at(ours, cell["concurrency"])
+        if mine is not None:
+            per_level[cell["concurrency"]] = _ratio(mine["images_per_s"], cell["images_per_s"])
+    valid = {c: r for c, r in per_level.items() if r is not None}
+    worst = min(valid, key=valid.get) if valid else None
+    return per_level, (valid[worst] if valid else None), worst
+
+
+def _peer_target(ratios: dict, at: dict, targets: dict, key: str, ours: list[dict[str, Any]],
+                 theirs: list[dict[str, Any]], against: str) -> None:
+    """``key`` = the smallest ours/theirs ratio over the levels, target >= 1.0 at every level."""
+    per_level, worst_ratio, worst = _per_level(ours, theirs)
+    ratios[key], at[key] = worst_ratio, worst
+    valid = [r for r in per_level.values() if r is not None]
+    targets[key] = {"target": ">= 1.0 at every concurrency", "against": against,
+                    "per_concurrency": per_level, "value": worst_ratio,
+                    "met": None if not valid else all(r >= 1.0 for r in valid)}
+
+
+BATCH_JOB_TARGET = 0.9
+
+
 def compute_ratios(result: dict[str, Any]) -> tuple[dict, dict, dict]:
     """The ``ratios`` object, the concurrency beside each, and the targets verdicts.
 
@@ -34,6 +61,13 @@ def compute_ratios(result: dict[str, Any]) -> tuple[dict, dict, dict]:
     * ``service_vs_fastapi_torch``: ours / FastAPI + torch eager on ``/embed`` at c=32.
     * ``service_vs_torchserve``: ours ``/classify`` / TorchServe's stock classifier, the
       smallest ratio over the concurrency levels both measured (the target is "every level").
+    * ``service_vs_triton``: ours HTTP ``/embed`` / Triton's KServe v2 HTTP infer (its gRPC
+      when HTTP was not measured), smallest over the levels; ``service_grpc_vs_triton``: our
+      gRPC ``ModelInfer`` / Triton's, the same way.
+    * ``service_vs_ray_serve``: ours HTTP ``/embed`` / Ray Serve's, smallest over the levels.
+    * ``batch_job_vs_limit_shared_cores``: ``cnn-codes embed`` (local engine, start-up
+      excluded) / the shared-cores pipeline limit; ``batch_job_ray_2_vs_1_actors``: how the
+      Ray engine scales from 1 to 2 actors (context).
     """
     ours_embed = _cells(result, "cnn_codes", "embed")
     ours_classify = _cells(result, "cnn_codes", "classify")
@@ -68,21 +102,36 @@ def compute_ratios(result: dict[str, Any]) -> tuple[dict, dict, dict]:
 
     for key in ("torchserve", "torchserve_tuned"):
         ratio_key = f"service_vs_{key}"
-        per_level = {}
-        for cell in _cells(result, key, "classify"):
-            ours = _at(ours_classify, cell["concurrency"])
-            if ours is not None:
-                per_level[cell["concurrency"]] = _ratio(ours["images_per_s"],
-                                                        cell["images_per_s"])
+        per_level, ratios[ratio_key], at[ratio_key] = _per_level(
+            ours_classify, _cells(result, key, "classify"))
         valid = {c: r for c, r in per_level.items() if r is not None}
-        worst = min(valid, key=valid.get) if valid else None
-        ratios[ratio_key] = valid[worst] if valid else None
-        at[ratio_key] = worst
         targets[ratio_key] = {
             "target": "> 1.0 at every concurrency" + ("" if key == "torchserve" else
                                                        " (context: tuned TorchServe)"),
             "per_concurrency": per_level, "value": ratios[ratio_key],
             "met": None if not valid else all(r > 1.0 for r in valid.values())}
+
+    triton_http = _cells(result, "triton", "v2_embed")
+    _peer_target(ratios, at, targets, "service_vs_triton", ours_embed,
+                 triton_http or _cells(result, "triton", "grpc_embed"),
+                 "ours HTTP /embed vs Triton " + ("KServe v2 HTTP" if triton_http else "gRPC"))
+    _peer_target(ratios, at, targets, "service_grpc_vs_triton",
+                 _cells(result, "cnn_codes", "grpc_embed"), _cells(result, "triton", "grpc_embed"),
+                 "ours gRPC ModelInfer vs Triton gRPC ModelInfer")
+    _peer_target(ratios, at, targets, "service_vs_ray_serve", ours_embed,
+                 _cells(result, "ray_serve", "embed"), "ours HTTP /embed vs Ray Serve HTTP")
+
+    jobs = (result.get("batch_job") or {}).get("configs", {})
+    local = jobs.get("local", {}).get("images_per_s")
+    value = _ratio(local, limit.get("shared_cores_images_per_s"))
+    ratios["batch_job_vs_limit_shared_cores"] = value
+    at["batch_job_vs_limit_shared_cores"] = None
+    targets["batch_job_vs_limit_shared_cores"] = {
+        "target": f">= {BATCH_JOB_TARGET} (start-up excluded)", "value": value,
+        "met": None if value is None else value >= BATCH_JOB_TARGET}
+    ratios["batch_job_ray_2_vs_1_actors"] = _ratio(
+        jobs.get("ray_2_actors", {}).get("images_per_s"),
+        jobs.get("ray_1_actor", {}).get("images_per_s"))
     return ratios, at, targets
 
 
@@ -118,6 +167,35 @@ def summary_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def batch_job_table(result: dict[str, Any]) -> list[str]:
+    """The batch-job rows (``cnn-codes embed`` per engine, start-up excluded), Markdown."""
+    job = result.get("batch_job") or {}
+    if job.get("status") == "skipped":
+        return ["", f"Batch job: skipped ({job.get('reason')})."]
+    if not job.get("configs"):
+        return []
+    shared = (result.get("limit", {}).get("pipeline") or {}).get("shared_cores_images_per_s")
+    small, large = job["sizes"]
+    lines = ["", f"## Batch job: `cnn-codes embed` over {large} inputs (a manifest repeating the "
+                 f"sample photos), start-up excluded", "",
+             f"images/s = ({large} - {small}) images / (job seconds at {large} - at {small}); "
+             f"parts of {job['shard_size']} images. Shared-cores limit: {_fmt(shared)} images/s.",
+             "", "| engine | images/s | vs shared-cores limit | start-up s | "
+                 f"s for {large} | images/s incl. start-up | errors |",
+             "|---|---|---|---|---|---|---|"]
+    for label, row in job["configs"].items():
+        if row.get("status") != "ok":
+            lines.append(f"| {label} | not measured: {(row.get('reason') or '')[:300]} "
+                         "| | | | | |")
+            continue
+        big = row["runs"]["large"]
+        lines.append(f"| {label} | {_fmt(row['images_per_s'])} | "
+                     f"{_fmt(_ratio(row['images_per_s'], shared), 3)} | "
+                     f"{_fmt(row['startup_s'], 2)} | {_fmt(big['job_seconds'], 2)} | "
+                     f"{_fmt(big['images_per_s_incl_startup'])} | {row['errors']} |")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The results as Markdown tables (what ``bench/results/latest.md`` holds)."""
     m = result["machine"]
@@ -140,13 +218,19 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for key, verdict in result["targets"].items():
         met = {True: "yes", False: "**no**", None: "not measured"}[verdict["met"]]
+        target = verdict["target"] + (f" ({verdict['against']})" if verdict.get("against")
+                                      else "")
         lines.append(f"| `{key}` | {_fmt(result['ratios'].get(key), 3)} | "
-                     f"{_fmt(result['ratios_at_concurrency'].get(key))} | {verdict['target']} | "
+                     f"{_fmt(result['ratios_at_concurrency'].get(key))} | {target} | "
                      f"{met} |")
     lines.append(f"| `service_vs_limit_shared_cores` | "
                  f"{_fmt(result['ratios'].get('service_vs_limit_shared_cores'), 3)} | "
                  f"{_fmt(result['ratios_at_concurrency'].get('service_vs_limit_shared_cores'))}"
                  " | (context) | |")
+    if "batch_job_ray_2_vs_1_actors" in result["ratios"]:
+        lines.append(f"| `batch_job_ray_2_vs_1_actors` | "
+                     f"{_fmt(result['ratios']['batch_job_ray_2_vs_1_actors'], 3)} | | "
+                     "(context: Ray engine, 2 actors / 1) | |")
     limit = result.get("limit", {})
     if limit:
         lines += ["", "## The limit (same cores, nothing else of ours running)", "",
@@ -178,6 +262,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| (context) `cnn-codes embed` batch job, local engine, {job['images']} "
                          f"photos in {job['seconds']} s incl. start-up | "
                          f"{_fmt(job['images_per_s'])} |")
+    lines += batch_job_table(result)
     summary = summary_table(result)
     if summary:
         lines += ["", "## Throughput: images/s (p99 ms), one photo per request", "", *summary]

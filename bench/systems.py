@@ -18,7 +18,7 @@ from typing import Any, Callable
 from bench import profiling
 from bench.loadgen import run_cell
 from bench.procs import ManagedServer, MemorySampler
-from bench.promscrape import batch_summary, scrape_histogram
+from bench.promscrape import HistogramTotals, batch_summary, scrape_histogram
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ class System:
         ready: probe returning True once it serves.
         endpoints: what to drive.
         batch_metric: name of a Prometheus histogram of batch sizes on ``/metrics``.
+        batch_probe: instead of ``batch_metric``, a function returning the server's batch totals
+            so far (images in ``total``, batches in ``count``), e.g. from Triton's counters.
         sanity: called once when ready; returns facts for the JSON (e.g. output checks).
         ready_timeout_s: how long start-up may take.
         notes: what is specific about this system's configuration.
@@ -92,6 +94,7 @@ class System:
     ready: Callable[[], bool]
     endpoints: list[Endpoint]
     batch_metric: str | None = None
+    batch_probe: Callable[[], HistogramTotals] | None = None
     sanity: Callable[[], dict[str, Any]] | None = None
     ready_timeout_s: float = 240.0
     notes: list[str] = field(default_factory=list)
@@ -158,11 +161,15 @@ def measure(system: System, plan: Plan, work_dir: Path) -> dict[str, Any]:
 def _measured_cell(system: System, endpoint: Endpoint, concurrency: int, plan: Plan
                    ) -> dict[str, Any]:
     """One cell plus the batch sizes the server formed during it (where it reports them)."""
-    before = (scrape_histogram(system.url, system.batch_metric)
-              if system.batch_metric else None)
+    def totals() -> HistogramTotals | None:
+        if system.batch_probe is not None:
+            return system.batch_probe()
+        return scrape_histogram(system.url, system.batch_metric) if system.batch_metric else None
+
+    before = totals()
     cell = _drive(system, endpoint, concurrency, plan, plan.duration_s, plan.warmup_s)
-    if before is not None and system.batch_metric:
-        after = scrape_histogram(system.url, system.batch_metric)
+    after = totals() if before is not None else None
+    if before is not None and after is not None:
         cell.extra.update(batch_summary(after.minus(before)))
     return cell.as_dict()
 

@@ -6,8 +6,9 @@ notes teach (CS231n, "Convolutional Networks"; PyTorch ``Conv2d``/``MaxPool2d`` 
     out = floor((W - F + 2P) / S) + 1           (dilation 1)
     out = floor((W + 2P - D(F - 1) - 1) / S) + 1   (general, dilation D)
 
-and the shapes are propagated through the torchvision VGG / MobileNet module trees (Sequential
-chains, MobileNet inverted residual blocks, squeeze-and-excitation side branches).
+and the shapes are propagated through the torchvision AlexNet / VGG / MobileNet / EfficientNet
+module trees (Sequential chains, MobileNet inverted residual and EfficientNet MBConv blocks,
+squeeze-and-excitation side branches).
 :func:`forward_shapes` measures the same shapes with forward hooks on a real forward pass; the
 tests check that both agree for every backbone.
 
@@ -25,7 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import mobilenetv2, mobilenetv3
+from torchvision.models import efficientnet, mobilenetv2, mobilenetv3
+from torchvision.ops import StochasticDepth
 from torchvision.ops.misc import SqueezeExcitation
 
 from models.backbones.registry import CNNCodeModel
@@ -36,6 +38,7 @@ Shape = tuple[int, ...]
 _SHAPE_PRESERVING = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid,
     nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Dropout, nn.Identity,
+    StochasticDepth,
 )
 
 
@@ -199,6 +202,11 @@ class _Walker:
             return self.walk(module.block, shape)  # + residual: same shape
         if isinstance(module, mobilenetv2.InvertedResidual):
             return self.walk(module.conv, shape)
+        if isinstance(module, efficientnet.MBConv):
+            out = self.walk(module.block, shape)
+            if module.use_res_connect:  # stochastic depth on the branch, then + input
+                out = self.walk(module.stochastic_depth, out)
+            return out
         if isinstance(module, SqueezeExcitation):
             scale = self.walk(module.avgpool, shape)
             for child in (module.fc1, module.activation, module.fc2, module.scale_activation):

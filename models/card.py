@@ -143,8 +143,17 @@ class ModelCard(BaseModel):
         return self.output(name).shape[-1]
 
     def public(self) -> dict:
-        """The part shown to clients by ``GET /metadata`` (JSON-serialisable)."""
-        return self.model_dump(mode="json")
+        """The part shown to clients by ``GET /metadata`` (JSON-serialisable).
+
+        The card itself keeps where the model was trained (``training.run_dir``, an absolute
+        path on the build machine, read by ``cnn-codes viz`` to find the run); clients see only
+        the run's folder name, never the build machine's file system.
+        """
+        shown = self.model_dump(mode="json")
+        run_dir = (shown.get("training") or {}).get("run_dir")
+        if run_dir:
+            shown["training"]["run_dir"] = Path(run_dir).name
+        return shown
 
 
 def compatibility_problems(current: ModelCard, candidate: ModelCard) -> list[str]:

@@ -24,15 +24,18 @@ class IndexDamagedError(ValueError):
 
 @dataclass(frozen=True)
 class Neighbor:
-    """One neighbour: its rank (1 = nearest), its path, its cosine similarity to the query."""
+    """One neighbour: its rank (1 = nearest), its row in the index (``paths.txt`` line, what
+    the service's ``GET /thumbnails/{row}`` takes), its path, its cosine similarity to the
+    query."""
 
     rank: int
+    row: int
     path: str
     score: float
 
     def as_dict(self) -> dict:
-        """``{"rank", "path", "score"}``."""
-        return {"rank": self.rank, "path": self.path, "score": self.score}
+        """``{"rank", "row", "path", "score"}``."""
+        return {"rank": self.rank, "row": self.row, "path": self.path, "score": self.score}
 
 
 class PathTable:
@@ -145,7 +148,7 @@ class SearchIndex:
         if vectors.ndim != 2 or vectors.shape[1] != self.manifest.dim:
             raise ValueError(f"queries must be (n, {self.manifest.dim}), got {vectors.shape}")
         scores, ids = self.search_ids(vectors, k)
-        return [[Neighbor(rank=rank + 1, path=self.paths[int(i)],
+        return [[Neighbor(rank=rank + 1, row=int(i), path=self.paths[int(i)],
                           score=round(float(min(1.0, max(-1.0, s))), 6))
                  for rank, (s, i) in enumerate((s, i) for s, i in zip(row_s, row_i) if i >= 0)]
                 for row_s, row_i in zip(scores, ids)]

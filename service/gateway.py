@@ -4,7 +4,8 @@ In order, for every HTTP request:
 
 1. **Auth**: when API keys are configured, paths outside ``open_paths`` need
    ``Authorization: Bearer <key>`` (401 otherwise, RFC 6750); ``/admin/*`` always needs one
-   of ``admin_keys`` (403 when none are configured).
+   of ``admin_keys`` (403 when none are configured). The page at ``/`` and its assets
+   (:data:`service.page.PAGE_PATHS`) are always open; the API calls it makes are not.
 2. **Overload**: at most ``max_concurrency`` requests in flight per worker; the next one gets
    429 with ``Retry-After`` at once instead of queueing (Infinity/Triton behaviour).
 3. **Body limit**: bodies above ``max_request_bytes`` get 413 (BentoML has no limit of its own).
@@ -37,6 +38,7 @@ from cnn_codes.settings import Settings
 from models.errors import RequestError
 from service.auth import check_api_key
 from service.bentoml_compat import READINESS_PATHS, bounded_readiness
+from service.page import PAGE_PATHS
 
 INFER_PATHS = frozenset({"/classify", "/embed", "/search"})
 #: ``/search`` also takes ``{"vectors": [[...]], ...}``: such a JSON body goes to the route as is.
@@ -163,7 +165,7 @@ class Gateway:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self.open_paths = frozenset(settings.open_paths)
+        self.open_paths = frozenset(settings.open_paths) | PAGE_PATHS
         self._in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -22,6 +22,8 @@ _KNOWN_PATHS = frozenset({"/classify", "/embed", "/metadata", "/readyz", "/livez
                           "/metrics", "/v2", "/v2/health/live", "/v2/health/ready",
                           "/admin/reload", "/", "/docs.json", "/schema.json",
                           "/search"})
+# the page's templated paths (service/page.py): one label each, whatever follows the prefix
+_PREFIXES = (("/thumbnails/", "/thumbnails/{row}"), ("/static/", "/static/{file}"))
 
 CONNECTIONS_CLOSED = Counter(
     "cnn_codes_http_connections_closed",
@@ -39,7 +41,7 @@ def endpoint_label(path: str) -> str:
     match = _V2_MODEL.match(path)
     if match:
         return "/v2/models/{name}" + (match.group(1) or "")
-    return "other"
+    return next((label for prefix, label in _PREFIXES if path.startswith(prefix)), "other")
 
 
 class RequestMetricsMiddleware:

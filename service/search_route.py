@@ -52,10 +52,12 @@ logger = logging.getLogger(__name__)
 
 
 class Neighbor(BaseModel):
-    """One indexed image near the query: rank (1 = nearest), its path as indexed, cosine
-    similarity in [-1, 1] (approximate for ``ivfpq`` indexes)."""
+    """One indexed image near the query: rank (1 = nearest), its row in the index (what
+    ``GET /thumbnails/{row}`` takes), its path as indexed, cosine similarity in [-1, 1]
+    (approximate for ``ivfpq`` indexes)."""
 
     rank: int
+    row: int = Field(description="row of the index (GET /thumbnails/{row})")
     path: str
     score: float
 
@@ -304,7 +306,8 @@ async def search(service: Any, images: list[Path] | None, vectors: list[list[flo
         found = dict(zip(positions, neighbours))
     results = [SearchItem(index=i, filename=name,
                           neighbors=None if i not in found else
-                          [Neighbor(rank=n.rank, path=n.path, score=n.score) for n in found[i]],
+                          [Neighbor(rank=n.rank, row=n.row, path=n.path, score=n.score)
+                           for n in found[i]],
                           error=item_error(errors.get(i)))
                for i, name in enumerate(filenames)]
     manifest = index.manifest

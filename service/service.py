@@ -38,6 +38,7 @@ from service.encoder import Encoder  # noqa: E402
 from service.gateway import Gateway  # noqa: E402
 from service.kserve import grpc_server as kserve_grpc  # noqa: E402
 from service.kserve.http import routes as kserve_routes  # noqa: E402
+from service.page import routes as page_routes  # noqa: E402
 from service.pipeline import InferencePipeline, PipelineResult  # noqa: E402
 from service.request_metrics import RequestMetricsMiddleware  # noqa: E402
 from service.responses import classify_response, embed_response  # noqa: E402
@@ -61,9 +62,11 @@ async def _metadata(request: Request) -> JSONResponse:
     return JSONResponse({**card.public(), "index": service.index.describe(card)})
 
 
-# plus the KServe v2 / Open Inference Protocol HTTP paths (/v2/...), see service/kserve
+# plus the KServe v2 / Open Inference Protocol HTTP paths (/v2/...), see service/kserve, and
+# the page at / with its assets and GET /thumbnails/{row}, see service/page
 _routes = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]),
-                            *kserve_routes(bentoml.get_current_service)])
+                            *kserve_routes(bentoml.get_current_service),
+                            *page_routes(bentoml.get_current_service)])
 
 
 @bentoml.asgi_app(_routes, path="/")
@@ -74,8 +77,8 @@ _routes = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]),
     traffic={"timeout": SETTINGS.request_timeout_s},
 )
 class CNNCodes:
-    """HTTP API: ``/classify``, ``/embed``, ``/search``, ``GET /metadata``; ready after a canary
-    inference."""
+    """HTTP API: ``/classify``, ``/embed``, ``/search``, ``GET /metadata``, the page at ``/``
+    (:mod:`service.page`); ready after a canary inference."""
 
     encoder = bentoml.depends(Encoder)
 
@@ -119,6 +122,23 @@ class CNNCodes:
             self._ready = await canary(self.holder, self.encoder.to_async.model_ref,
                                        self.pipeline.encode_arrays)
         return self._ready
+
+    async def serving_now(self) -> bool:
+        """Ready (:meth:`__is_ready__`) and the Encoder answers now: its ``model_ref`` within
+        ``readiness_timeout_s`` (seconds). Behind ``/v2/health/ready``, gRPC ``ServerReady`` and
+        gRPC health, so they turn unready while the Encoder is frozen or restarting and ready
+        again after (BentoML's ``/readyz`` probes the Encoder itself, see
+        :mod:`service.bentoml_compat.readiness`). Never raises."""
+        if not await self.__is_ready__():
+            return False
+        try:
+            async with asyncio.timeout(self.settings.readiness_timeout_s):
+                await self.encoder.to_async.model_ref()
+            return True
+        except Exception as exc:  # a frozen, dead or restarting Encoder: not serving now
+            logger.warning("Encoder did not answer the health probe: %s",
+                           type(exc).__name__ if isinstance(exc, TimeoutError) else exc)
+            return False
 
     @bentoml.on_startup
     async def start_grpc(self) -> None:

@@ -97,6 +97,29 @@ def published(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> di
             "path": Path(result["path"])}
 
 
+@pytest.fixture(scope="session")
+def embedded(published: dict, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The real train and val photos embedded by the published model (two embed folders)."""
+    root = tmp_path_factory.mktemp("search")
+    model = f"{published['name']}:{published['version']}"
+    for split in ("train", "val"):
+        run_cli("embed", str(data_dir / split), "--out", str(root / f"emb-{split}"),
+                "--model", model, "--repository", str(published["repository"]),
+                "--no-progress")
+    return {"root": root, "train": root / "emb-train", "val": root / "emb-val", "model": model,
+            "repository": published["repository"]}
+
+
+@pytest.fixture(scope="session")
+def index(embedded: dict) -> dict:
+    """An exact index of both embed folders (``dir``, build ``manifest``); tests that change an
+    index copy ``dir`` first."""
+    out = embedded["root"] / "index"
+    proc = run_cli("index", "build", str(embedded["train"]), str(embedded["val"]),
+                   "--out", str(out), "--no-progress")
+    return {"dir": out, "manifest": last_json_line(proc.stdout)}
+
+
 def metric(url: str, name: str, /, **labels: str) -> float:
     """Sum of the samples of ``name`` on ``url/metrics`` whose labels include ``labels``
     (positional-only parameters, so ``name=`` and ``url=`` can be label filters)."""

@@ -28,6 +28,8 @@ def test_bento_builds_and_serves(published, data_dir, tmp_path):
     assert "service/service.py" in packaged and "models/preprocessing.py" in packaged
     assert not any(p.startswith(("training/", "export/", "tests/")) for p in packaged)
     assert "models/backbones/registry.py" not in packaged  # the torch side stays out
+    assert {f"service/static/{p.name}" for p in (REPO_ROOT / "service" / "static").iterdir()} <= \
+        {p.relative_to(src).as_posix() for p in src.rglob("*")}  # the page at / and its assets
     requirements = next(src.parent.glob("env/python/requirements.txt")).read_text()
     assert "onnxruntime" in requirements and "torch" not in requirements
 
@@ -43,6 +45,8 @@ def test_bento_builds_and_serves(published, data_dir, tmp_path):
                               files=[("images", (image.name, image.read_bytes()))])
         assert response.status_code == 200, response.text
         assert len(response.json()["results"][0]["embedding"]) == 1024
+        page = httpx.get(f"http://127.0.0.1:{port}/static/app.js", timeout=60)
+        assert page.status_code == 200 and "/thumbnails/" in page.text
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)

@@ -19,7 +19,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["backbones", "train", "summary", "viz", "export", "models", "bootstrap", "embed",
                "index", "dedup", "eval", "serve"]
 HELP_ARGVS = [[], *[[name] for name in SUBCOMMANDS],
-              *[["viz", figure] for figure in ("curves", "filters", "weights", "augment")],
+              *[["viz", figure] for figure in ("curves", "filters", "weights", "augment",
+                                               "codes", "neighbours", "activations",
+                                               "gradcam")],
               ["index", "build"], ["index", "query"], ["eval", "retrieval"]]
 
 

@@ -70,8 +70,8 @@ def test_summary_matches_a_real_forward_pass_and_torchvision(name):
         computed = {r.name: r.output_shape for r in summary.rows if r.name != "flatten"}
         assert computed == forward_shapes(model, size), size
     flatten = next(r for r in summary.rows if r.name == "flatten")
-    assert flatten.output_shape[0] == (info.features_dim * 49 if info.family == "vgg"
-                                       else info.features_dim)
+    pooled_cells = {"vgg": 49, "alexnet": 36}.get(info.family, 1)  # 7x7, 6x6, global pool
+    assert flatten.output_shape[0] == info.features_dim * pooled_cells
     assert summary.rows[-1].type == "Linear" and summary.rows[-1].output_shape == (1000,)
 
     meta = info.weights_enum.DEFAULT.meta

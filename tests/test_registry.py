@@ -10,7 +10,7 @@ from models.backbones.registry import (WeightsNotFoundError, build_backbone, get
                              list_backbones, torch_hub_checkpoint_path)
 
 REQUIRED = {"vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "mobilenet_v2", "mobilenet_v3_small",
-            "mobilenet_v3_large"}
+            "mobilenet_v3_large", "alexnet", "efficientnet_b0"}
 
 
 def test_registry_has_required_backbones():

@@ -1,10 +1,11 @@
 """Search and near-duplicates (issue 13) through the public commands and HTTP, on the real photos.
 
 The real photos are embedded with ``cnn-codes embed`` by the shared published model, indexed
-with ``cnn-codes index build``, queried with ``cnn-codes index query`` and through a real
-``cnn-codes serve`` (``POST /search``, all three input forms and vectors, per-image errors, a
-hot reload to another version answered with 409 ``index_mismatch`` until an index of the new
-version is published); ``cnn-codes dedup`` runs on constructed near-duplicates of real photos.
+with ``cnn-codes index build`` (the ``embedded`` and ``index`` fixtures of conftest.py), queried
+with ``cnn-codes index query`` and through a real ``cnn-codes serve`` (``POST /search``, all
+three input forms and vectors, per-image errors, a hot reload to another version answered with
+409 ``index_mismatch`` until an index of the new version is published); ``cnn-codes dedup``
+runs on constructed near-duplicates of real photos.
 """
 
 from __future__ import annotations
@@ -37,28 +38,6 @@ def photos(data_dir: Path, split: str = "val") -> list[Path]:
     from batch.sources import list_inputs
 
     return [Path(p) for p in list_inputs([str(data_dir / split)])]
-
-
-@pytest.fixture(scope="module")
-def embedded(published: dict, data_dir: Path, tmp_path_factory) -> dict:
-    """The real train and val photos embedded by the published model (two embed folders)."""
-    root = tmp_path_factory.mktemp("search")
-    model = f"{published['name']}:{published['version']}"
-    for split in ("train", "val"):
-        run_cli("embed", str(data_dir / split), "--out", str(root / f"emb-{split}"),
-                "--model", model, "--repository", str(published["repository"]),
-                "--no-progress")
-    return {"root": root, "train": root / "emb-train", "val": root / "emb-val", "model": model,
-            "repository": published["repository"]}
-
-
-@pytest.fixture(scope="module")
-def index(embedded: dict) -> dict:
-    """An exact index of both embed folders."""
-    out = embedded["root"] / "index"
-    proc = run_cli("index", "build", str(embedded["train"]), str(embedded["val"]),
-                   "--out", str(out), "--no-progress")
-    return {"dir": out, "manifest": last_json_line(proc.stdout)}
 
 
 def test_index_build_manifest_and_files(index, published, data_dir):
@@ -182,8 +161,11 @@ def test_search_service_end_to_end_and_hot_reload(index, embedded, two_versions,
         assert body["k"] == 3
         first, broken, empty = body["results"]
         assert first["filename"] == photo.name and first["error"] is None
-        assert first["neighbors"][0] == {"rank": 1, "path": str(photo.resolve()),
+        indexed = (served_index / "paths.txt").read_text().splitlines()
+        assert first["neighbors"][0] == {"rank": 1, "row": indexed.index(str(photo.resolve())),
+                                         "path": str(photo.resolve()),
                                          "score": pytest.approx(1.0, abs=1e-3)}
+        assert all(indexed[n["row"]] == n["path"] for n in first["neighbors"])
         assert len(first["neighbors"]) == 3
         assert broken["neighbors"] is None and broken["error"]["code"] == "truncated"
         assert empty["error"]["code"] == "empty"

@@ -57,6 +57,10 @@ def test_metadata_matches_card(server, published):
     assert dims == {"logits": 2, "embedding": 1024, "features": 576}  # mobilenet_v3_small
     assert meta["onnx_sha256"] == card.onnx_sha256
     assert meta["parity"]["embedding_cosine_min"] > 0.9999
+    # the build machine's file system is not shown: only the run's folder name
+    assert Path(card.training["run_dir"]).is_absolute()
+    assert meta["training"]["run_dir"] == Path(card.training["run_dir"]).name
+    assert "/" not in str(meta["training"])
 
 
 @pytest.mark.parametrize("layer", ["embedding", "features"])

@@ -28,7 +28,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from conftest import CLI, REPO_ROOT, Server, base_env, free_port
+from conftest import CLI, REPO_ROOT, Server, base_env, free_port, wait_until
 
 EXIT_TIMEOUT_S = 90  # a pre-flight on the tiny model takes seconds; a crash loop never ends
 WORKER_MODULE = "_bentoml_impl.worker.service"
@@ -200,7 +200,25 @@ def test_crash_loop_after_preflight_stops_serve(published, tmp_path):
 
 # --- 6. /readyz is bounded -------------------------------------------------------------------
 
+def _grpc_health(server) -> str:
+    """The gRPC health status name of the whole server (service ``""``), or UNAVAILABLE."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
 def test_readyz_answers_while_the_encoder_is_frozen(server):
+    """/readyz answers 503 in bounded time; /v2/health/ready and gRPC health, ready before,
+    turn unready while the Encoder is frozen and ready again once it runs."""
+    assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
+    wait_until(lambda: _grpc_health(server) == "SERVING", "gRPC health SERVING", timeout=30)
     (encoder,) = workers(server.proc.pid, "cnn_codes_encoder")
     encoder.send_signal(signal.SIGSTOP)
     try:
@@ -211,16 +229,20 @@ def test_readyz_answers_while_the_encoder_is_frozen(server):
             assert response.status_code == 503, response.text
             assert elapsed < 6, elapsed
             assert response.json()["code"] == "not_ready" and response.json()["error"]
+        started = time.monotonic()
+        v2 = httpx.get(f"{server.url}/v2/health/ready", timeout=20)
+        assert v2.status_code == 503 and v2.json() == {"ready": False}, v2.text
+        assert time.monotonic() - started < 6
+        wait_until(lambda: _grpc_health(server) == "NOT_SERVING", "gRPC health NOT_SERVING",
+                   timeout=15)
         assert httpx.get(f"{server.url}/livez", timeout=5).status_code == 200
     finally:
         encoder.send_signal(signal.SIGCONT)
-    deadline = time.monotonic() + 60
-    while True:
-        response = httpx.get(f"{server.url}/readyz", timeout=20)
-        if response.status_code == 200:
-            break
-        assert time.monotonic() < deadline, response.text
-        time.sleep(0.5)
+    wait_until(lambda: httpx.get(f"{server.url}/readyz", timeout=20).status_code == 200,
+               "/readyz 200 after SIGCONT", timeout=60)
+    assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
+    wait_until(lambda: _grpc_health(server) == "SERVING", "gRPC health SERVING again",
+               timeout=30)
     ok = httpx.post(f"{server.url}/embed", files=[("images", ("a.jpg", jpeg()))], timeout=60)
     assert ok.status_code == 200, ok.text
 

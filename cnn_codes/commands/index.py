@@ -108,47 +108,25 @@ def run_build(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_query(args: argparse.Namespace, settings: Settings) -> int:
-    """Embed the images with the index's model version and print their neighbours."""
-    from batch.job import ShardEmbedder, make_spec
+    """Embed the images with the index's model version and print their neighbours
+    (:class:`search.query.IndexWithModel`, the query path ``viz neighbours`` draws too)."""
     from models.decode import DecodeLimits
-    from models.repository import ModelIntegrityError, ModelNotFoundError, resolve
+    from models.repository import ModelIntegrityError, ModelNotFoundError
     from models.runtime import SessionConfig
-    from search.index import IndexDamagedError, SearchIndex
+    from search.index import IndexDamagedError
+    from search.query import IndexWithModel
 
     try:
-        index = SearchIndex.open(args.index_dir)
-        manifest = index.manifest
-        model = resolve(args.repository or settings.repository, manifest.model_name,
-                        manifest.model_version)
-        card = model.card
-        problems = manifest.problems_with(card.name, card.version, card.onnx_sha256,
-                                          {o.name: o.shape[-1] for o in card.outputs})
-        if problems:
-            raise ModelIntegrityError("; ".join(problems))
+        opened = IndexWithModel.open(args.index_dir, args.repository or settings.repository)
     except (FileNotFoundError, IndexDamagedError, ModelNotFoundError,
             ModelIntegrityError) as exc:
         report_error(f"cnn-codes index query: {exc}")
         return EXIT_BAD_INPUT
-    spec = make_spec(model, args.images, layer=manifest.layer, normalize=True,
-                     shard_size=max(1, len(args.images)))
-    embedder = ShardEmbedder(model, spec, limits=DecodeLimits.from_settings(settings),
-                             session_config=SessionConfig.from_settings(settings))
-    try:
-        vectors, errors = embedder.embed(list(args.images))
-    finally:
-        embedder.close()
-    good = [i for i, e in enumerate(errors) if e is None]
-    found = dict(zip(good, index.search(vectors[good], args.k))) if good else {}
-    results = []
-    for i, image in enumerate(args.images):
-        if errors[i] is not None:
-            results.append({"image": image, "neighbors": None,
-                            "error": {"code": errors[i][0], "message": errors[i][1]}})
-        else:
-            results.append({"image": image, "neighbors": [n.as_dict() for n in found[i]],
-                            "error": None})
+    results = opened.query(args.images, args.k, limits=DecodeLimits.from_settings(settings),
+                           session_config=SessionConfig.from_settings(settings))
+    manifest = opened.index.manifest
     json.dump({"index": str(args.index_dir), "model": manifest.model_ref,
                "layer": manifest.layer, "kind": manifest.kind, "k": args.k,
-               "results": results}, sys.stdout)
+               "results": [r.as_dict() for r in results]}, sys.stdout)
     sys.stdout.write("\n")
     return EXIT_OK

@@ -1,4 +1,5 @@
-"""Backbone registry: torchvision VGG / MobileNet builders with CNN-code taps.
+"""Backbone registry: torchvision AlexNet / VGG / MobileNet / EfficientNet builders with CNN-code
+taps.
 
 Every registered backbone is built by :func:`build_backbone` (keyword-only, typed) and returns
 a :class:`CNNCodeModel` whose single forward pass yields ``logits``, ``embedding`` (the
@@ -55,7 +56,7 @@ class BackboneInfo:
 
     Attributes:
         name: registry name (torchvision's model name).
-        family: ``vgg`` or ``mobilenet``.
+        family: ``alexnet``, ``vgg``, ``mobilenet`` or ``efficientnet``.
         embedding_dim: D, width of the penultimate layer.
         features_dim: C, channels of the last conv feature map.
         builder: torchvision model builder (``torchvision.models.vgg16``...).
@@ -104,6 +105,14 @@ _register(BackboneInfo("mobilenet_v3_small", "mobilenet", 1024, 576, tvm.mobilen
                        tvm.MobileNet_V3_Small_Weights, "pre-logits Linear+Hardswish"))
 _register(BackboneInfo("mobilenet_v3_large", "mobilenet", 1280, 960, tvm.mobilenet_v3_large,
                        tvm.MobileNet_V3_Large_Weights, "pre-logits Linear+Hardswish"))
+# AlexNet (Krizhevsky et al., 2012; torchvision's one-GPU variant, 61,100,840 parameters):
+# pools to 6x6 before fc6, the CNN code is fc7 after ReLU as for VGG.
+_register(BackboneInfo("alexnet", "alexnet", 4096, 256, tvm.alexnet, tvm.AlexNet_Weights,
+                       "fc7 after ReLU"))
+# EfficientNet-B0 (Tan & Le, 2019; 5,288,548 parameters): the head is Dropout + Linear, so the
+# penultimate layer is the global pool of the 1280-channel last conv, as for MobileNetV2.
+_register(BackboneInfo("efficientnet_b0", "efficientnet", 1280, 1280, tvm.efficientnet_b0,
+                       tvm.EfficientNet_B0_Weights, "global pool of the 1280-channel last conv"))
 
 
 def list_backbones() -> list[BackboneInfo]:
@@ -154,7 +163,8 @@ class CNNCodeModel(nn.Module):
         classifier = net.classifier
         if not isinstance(classifier, nn.Sequential) or not isinstance(classifier[-1], nn.Linear):
             raise TypeError(f"{info.name}: expected a Sequential classifier ending in Linear")
-        # VGG pools to 7x7 before fc6; MobileNetV2 has no pooling module (it pools in forward).
+        # VGG pools to 7x7 and AlexNet to 6x6 before fc6; EfficientNet pools to 1x1; MobileNetV2
+        # has no pooling module (it pools in forward).
         self.head_pool: nn.Module = getattr(net, "avgpool", nn.AdaptiveAvgPool2d(1))
 
     @property
@@ -232,11 +242,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _checkpoint_num_classes(state: dict[str, torch.Tensor]) -> int:
-    """K of a torchvision VGG/MobileNet state dict: rows of its last ``classifier.N.weight``."""
+    """K of a registry backbone's torchvision state dict: rows of its last
+    ``classifier.N.weight``."""
     linear = [k for k, v in state.items() if k.startswith("classifier.") and k.endswith(".weight")
               and v.ndim == 2]
     if not linear:
-        raise ValueError("checkpoint has no classifier.N.weight: not a VGG/MobileNet state dict")
+        raise ValueError("checkpoint has no classifier.N.weight: not the state dict of a "
+                         "registry backbone")
     last = max(linear, key=lambda k: int(k.split(".")[1]))
     return int(state[last].shape[0])
 

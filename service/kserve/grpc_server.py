@@ -190,15 +190,21 @@ class GrpcFront:
                     "auth %s", address, size, "on" if self.settings.api_keys else "off")
         return port
 
-    async def _watch_ready(self, interval_s: float = 0.5) -> None:
-        """Flip health to SERVING once the service is ready (readiness is sticky)."""
+    async def _watch_ready(self, interval_s: float = 1.0) -> None:
+        """Keep gRPC health in step with readiness: NOT_SERVING until the service is ready,
+        SERVING while the Encoder answers, NOT_SERVING again while it does not (frozen or
+        restarting), probed every ``interval_s`` seconds."""
+        serving = False
         while True:
             await asyncio.sleep(interval_s)
-            if await self.front.ready():
+            now = await self.front.ready()
+            if now != serving:
+                status = (health_pb2.HealthCheckResponse.SERVING if now
+                          else health_pb2.HealthCheckResponse.NOT_SERVING)
                 for service in ("", SERVICE_NAME):
-                    await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-                logger.info("gRPC health: SERVING")
-                return
+                    await self.health.set(service, status)
+                logger.info("gRPC health: %s", "SERVING" if now else "NOT_SERVING")
+                serving = now
 
     async def stop(self) -> None:
         """Health NOT_SERVING, then stop with ``grpc_grace_s`` for in-flight calls."""

@@ -66,7 +66,7 @@ class ServedModel(Protocol):
     settings: Settings
     pipeline: InferencePipeline
 
-    async def __is_ready__(self) -> bool: ...
+    async def serving_now(self) -> bool: ...
 
 
 def server_version() -> str:
@@ -112,7 +112,7 @@ class InferenceFront:
         front = getattr(service, "_oip_front", None)
         if front is None:
             front = cls(service.holder, service.settings, service.pipeline,
-                        service.__is_ready__)
+                        service.serving_now)
             setattr(service, "_oip_front", front)
         return front
 
