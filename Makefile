@@ -45,7 +45,8 @@ test: venv deploy-deps
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-## Benchmarks (bench/, not part of the tests): `make bench` (~10 min), `make bench BENCH_ARGS=--quick`.
+## Benchmarks (bench/, not part of the tests): `make bench` (~10 min before Triton, Ray Serve and
+## the batch-job row were added), `make bench BENCH_ARGS=--quick`.
 BENCH_STAMP := $(VENV)/.bench-stamp
 TS_VENV := bench/.venv-torchserve
 TRITON_VENV := bench/.venv-triton

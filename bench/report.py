@@ -111,12 +111,13 @@ def compute_ratios(result: dict[str, Any]) -> tuple[dict, dict, dict]:
             "per_concurrency": per_level, "value": ratios[ratio_key],
             "met": None if not valid else all(r > 1.0 for r in valid.values())}
 
-    triton_http = _cells(result, "triton", "v2_embed")
+    triton_http, triton_grpc = (_cells(result, "triton", "v2_embed"),
+                                _cells(result, "triton", "grpc_embed"))
     _peer_target(ratios, at, targets, "service_vs_triton", ours_embed,
-                 triton_http or _cells(result, "triton", "grpc_embed"),
-                 "ours HTTP /embed vs Triton " + ("KServe v2 HTTP" if triton_http else "gRPC"))
+                 triton_http or triton_grpc, "ours HTTP /embed vs Triton "
+                 + ("gRPC" if triton_grpc and not triton_http else "KServe v2 HTTP"))
     _peer_target(ratios, at, targets, "service_grpc_vs_triton",
-                 _cells(result, "cnn_codes", "grpc_embed"), _cells(result, "triton", "grpc_embed"),
+                 _cells(result, "cnn_codes", "grpc_embed"), triton_grpc,
                  "ours gRPC ModelInfer vs Triton gRPC ModelInfer")
     _peer_target(ratios, at, targets, "service_vs_ray_serve", ours_embed,
                  _cells(result, "ray_serve", "embed"), "ours HTTP /embed vs Ray Serve HTTP")

@@ -1,11 +1,13 @@
 """Pictures of CNN codes and of what the convnet learned (issue 15), on the real photos.
 
-``cnn-codes viz codes|neighbours|activations|gradcam`` run through the CLI on a few dozen real
-photos, with the session's briefly trained model (``trained_run``, ``published``: one epoch of
-mobilenet_v3_small). Each test checks the PNG itself (pixel size, not blank) and the number of
-panels the figure should have (reported by the command from the figure's own axes). Grad-CAM
-is also checked against its definition and, for a global-pool + Linear head, against CAM (Zhou
-et al., 2016), which Grad-CAM reduces to there (Selvaraju et al., 2017, section 3.1).
+``cnn-codes viz codes|neighbours|activations|gradcam`` run through the CLI on the real photos,
+with the session's briefly trained model and what the search tests build from it (conftest's
+``trained_run``, ``published``: one epoch of mobilenet_v3_small; ``embedded``, ``index``: the
+val and train photos embedded, an exact index of both). Each test checks the PNG itself
+(pixel size, not blank) and the number of panels the figure should have (reported by the
+command from the figure's own axes). Grad-CAM is also checked against its definition and,
+for a global-pool + Linear head, against CAM (Zhou et al., 2016), which Grad-CAM reduces to
+there (Selvaraju et al., 2017, section 3.1).
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ import torch
 from PIL import Image
 
 from cnn_codes import cli
-from conftest import CLI, REPO_ROOT, base_env, last_json_line, run_cli, subset_imagefolder
+from conftest import CLI, REPO_ROOT, base_env, last_json_line, run_cli
 from diagnostics.convnet import (TORCH_CHECKPOINT_FILENAME, capture_activations,
                                  default_layers, grad_cam)
 from models.backbones.registry import build_backbone, list_backbones
 
-PER_CLASS = 12  # val photos of each class embedded and indexed: 24 in all
 MIN_STD = 20.0  # pixel standard deviation (0-255) of a PNG that shows something
 
 
@@ -52,54 +53,48 @@ def cli_status(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def photos(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A few dozen real val photos in their class folders."""
-    return subset_imagefolder(data_dir, tmp_path_factory.mktemp("viz-photos"),
-                              {"val": {"ants": PER_CLASS, "bees": PER_CLASS}})
+def query_photos(data_dir: Path) -> list[Path]:
+    """One ant and one bee of the val photos (all of them are indexed)."""
+    return [sorted((data_dir / "val" / cls).glob("*.jpg"))[0] for cls in ("ants", "bees")]
 
 
-@pytest.fixture(scope="module")
-def embedded(published: dict, photos: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The photos embedded by the published model, and an exact index of them."""
-    root = tmp_path_factory.mktemp("viz-codes")
-    model = f"{published['name']}:{published['version']}"
-    run_cli("embed", str(photos / "val"), "--out", str(root / "emb"), "--model", model,
-            "--repository", str(published["repository"]), "--no-progress")
-    run_cli("index", "build", str(root / "emb"), "--out", str(root / "index"), "--no-progress")
-    return {"emb": root / "emb", "index": root / "index", "root": root,
-            "repository": published["repository"]}
+def val_labels(data_dir: Path) -> dict[str, int]:
+    """Photos per parent folder among the files ``cnn-codes embed`` took from val/."""
+    from collections import Counter
+
+    from batch.sources import list_inputs
+
+    return dict(Counter(Path(p).parent.name for p in list_inputs([str(data_dir / "val")])))
 
 
-def query_photos(photos: Path) -> list[Path]:
-    """One ant and one bee of the indexed photos."""
-    return [sorted((photos / "val" / cls).glob("*.jpg"))[0] for cls in ("ants", "bees")]
-
-
-def test_viz_codes_map_with_thumbnails(embedded, tmp_path):
+def test_viz_codes_map_with_thumbnails(embedded, data_dir, tmp_path):
     out = tmp_path / "map.png"
-    proc = run_cli("viz", "codes", str(embedded["emb"]), "--out", str(out), "--thumbnails",
+    proc = run_cli("viz", "codes", str(embedded["val"]), "--out", str(out), "--thumbnails",
                    "--repository", str(embedded["repository"]))
     result = last_json_line(proc.stdout)
     assert result["figure"] == "codes" and result["png"] == str(out)
     check_png(result)
     assert (result["width_px"], result["height_px"]) == (900, 800)
     assert result["panels"] == 1 and (result["rows"], result["columns"]) == (1, 1)
-    assert result["labels"] == {"ants": PER_CLASS, "bees": PER_CLASS}  # the parent folders
-    assert result["points"] == result["total"] == 2 * PER_CLASS
-    assert result["thumbnails"] == 2 * PER_CLASS
+    labels = val_labels(data_dir)
+    assert set(labels) == {"ants", "bees"}
+    assert result["labels"] == labels  # the parent folders
+    assert result["points"] == result["total"] == sum(labels.values())
+    assert result["thumbnails"] == result["points"]
     assert 0 < result["perplexity"] < result["points"]
 
 
 def test_viz_codes_is_deterministic_and_needs_enough_codes(embedded, tmp_path):
     from diagnostics.codes import read_codes, tsne_2d
 
-    codes = read_codes([embedded["emb"]])
-    assert codes.vectors.shape == (2 * PER_CLASS, 1024) and codes.vectors.dtype == np.float32
+    codes = read_codes([embedded["val"]], max_points=30, seed=1)
+    assert codes.vectors.shape == (30, 1024) and codes.vectors.dtype == np.float32
+    assert codes.total > 30 and len(codes.paths) == len(codes.labels) == 30
     np.testing.assert_allclose(np.linalg.norm(codes.vectors, axis=1), 1.0, atol=1e-5)
-    first, p = tsne_2d(codes.vectors, seed=3)
+    first, perplexity = tsne_2d(codes.vectors, seed=3)
     again, _ = tsne_2d(codes.vectors, seed=3)
-    assert first.shape == (2 * PER_CLASS, 2) and first.dtype == np.float32
+    assert first.shape == (30, 2) and first.dtype == np.float32
+    assert perplexity == pytest.approx(29 / 3)
     np.testing.assert_allclose(first, again)
     with pytest.raises(ValueError, match="at least"):
         tsne_2d(codes.vectors[:3])
@@ -107,13 +102,13 @@ def test_viz_codes_is_deterministic_and_needs_enough_codes(embedded, tmp_path):
         tsne_2d(codes.vectors, perplexity=100)
 
 
-def test_viz_neighbours_grid_matches_index_query(embedded, photos, tmp_path):
-    queries = query_photos(photos)
+def test_viz_neighbours_grid_matches_index_query(index, embedded, data_dir, tmp_path):
+    queries = query_photos(data_dir)
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"not an image")
     out = tmp_path / "grid.png"
     k = 3
-    proc = run_cli("viz", "neighbours", str(embedded["index"]), *map(str, queries), str(junk),
+    proc = run_cli("viz", "neighbours", str(index["dir"]), *map(str, queries), str(junk),
                    "-k", str(k), "--out", str(out), "--repository", str(embedded["repository"]))
     result = last_json_line(proc.stdout)
     check_png(result)
@@ -128,14 +123,14 @@ def test_viz_neighbours_grid_matches_index_query(embedded, photos, tmp_path):
     assert bad["neighbors"] is None and bad["error"]["code"] == "not_an_image"
 
     # the same query path as `cnn-codes index query`: the same neighbours and scores
-    answer = last_json_line(run_cli("index", "query", str(embedded["index"]),
+    answer = last_json_line(run_cli("index", "query", str(index["dir"]),
                                     *map(str, queries), "-k", str(k), "--repository",
                                     str(embedded["repository"])).stdout)
     assert [r["neighbors"] for r in answer["results"]] == [r["neighbors"] for r in good]
 
 
-def test_viz_activations_of_a_run(trained_run, photos, tmp_path, capsys):
-    image = query_photos(photos)[0]
+def test_viz_activations_of_a_run(trained_run, data_dir, tmp_path, capsys):
+    image = query_photos(data_dir)[0]
     out = tmp_path / "act.png"
     result = last_json_line(run_cli("viz", "activations", str(trained_run), str(image),
                                     "--out", str(out)).stdout)
@@ -161,8 +156,8 @@ def test_viz_activations_of_a_run(trained_run, photos, tmp_path, capsys):
     assert [len(x["channels"]) for x in result["layers"]] == [4, 4]
 
 
-def test_viz_gradcam_of_a_run(trained_run, photos, tmp_path, capsys):
-    image = query_photos(photos)[1]
+def test_viz_gradcam_of_a_run(trained_run, data_dir, tmp_path, capsys):
+    image = query_photos(data_dir)[1]
     out = tmp_path / "cam.png"
     result = last_json_line(run_cli("viz", "gradcam", str(trained_run), str(image),
                                     "--out", str(out)).stdout)
@@ -180,8 +175,8 @@ def test_viz_gradcam_of_a_run(trained_run, photos, tmp_path, capsys):
 
 
 def test_viz_reads_a_published_version_only_with_its_checkpoint(trained_run, published,
-                                                                  photos, tmp_path, capsys):
-    image = str(query_photos(photos)[0])
+                                                                  data_dir, tmp_path, capsys):
+    image = str(query_photos(data_dir)[0])
     model = f"{published['name']}:{published['version']}"
     # export publishes ONNX only: the command says so and names the run to pass instead
     status = cli.main(["viz", "gradcam", model, image, "--out", str(tmp_path / "x.png"),
@@ -209,14 +204,14 @@ def test_viz_reads_a_published_version_only_with_its_checkpoint(trained_run, pub
         == "model"
 
 
-def test_viz_bad_input_is_one_line_and_exit_2(trained_run, embedded, photos, tmp_path, capsys):
-    image = str(query_photos(photos)[0])
+def test_viz_bad_input_is_one_line_and_exit_2(trained_run, data_dir, tmp_path, capsys):
+    image = str(query_photos(data_dir)[0])
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"GIF89a nope")
     out = str(tmp_path / "x.png")
     cases = [
-        (["viz", "codes", str(photos), "--out", out], "not a cnn-codes embed output"),
-        (["viz", "neighbours", str(photos), image, "--out", out], "manifest"),
+        (["viz", "codes", str(data_dir), "--out", out], "not a cnn-codes embed output"),
+        (["viz", "neighbours", str(data_dir), image, "--out", out], "manifest"),
         (["viz", "activations", str(trained_run), image, "--layers", "features.99",
           "--out", out], "no layer 'features.99'"),
         (["viz", "activations", str(trained_run), image, "--layers", "net.classifier.0",
@@ -226,7 +221,7 @@ def test_viz_bad_input_is_one_line_and_exit_2(trained_run, embedded, photos, tmp
          "classes: ['ants', 'bees']"),
         (["viz", "gradcam", str(tmp_path / "no" / "run"), image, "--out", out],
          "neither a training run folder"),
-        (["viz", "gradcam", str(photos), image, "--out", out], "best.pt does not exist"),
+        (["viz", "gradcam", str(data_dir), image, "--out", out], "best.pt does not exist"),
     ]
     for argv, expected in cases:
         assert cli.main(argv) == 2, argv

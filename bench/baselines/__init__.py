@@ -1,1 +1,2 @@
-"""What a user would pick instead: FastAPI + torch eager, TorchServe's stock image classifier."""
+"""What a user would pick instead: FastAPI + torch eager, TorchServe's stock image classifier,
+Triton (PyTriton) and Ray Serve on our ONNX model."""
