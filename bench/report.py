@@ -51,6 +51,7 @@ def _peer_target(ratios: dict, at: dict, targets: dict, key: str, ours: list[dic
 
 
 BATCH_JOB_TARGET = 0.9
+C1_LATENCY_TARGET = 1.5
 
 
 def compute_ratios(result: dict[str, Any]) -> tuple[dict, dict, dict]:
@@ -121,6 +122,20 @@ def compute_ratios(result: dict[str, Any]) -> tuple[dict, dict, dict]:
                  "ours gRPC ModelInfer vs Triton gRPC ModelInfer")
     _peer_target(ratios, at, targets, "service_vs_ray_serve", ours_embed,
                  _cells(result, "ray_serve", "embed"), "ours HTTP /embed vs Ray Serve HTTP")
+
+    # c=1 latency: our /embed p50 vs decode (mean, one core) + onnxruntime batch 1 (p50), alone
+    alone = result.get("limit", {})
+    batch1 = next((r for r in alone.get("onnxruntime", []) if r["batch"] == 1), None)
+    decode_ms = (alone.get("decode") or {}).get("ms_per_image_mean")
+    ours1 = _at(ours_embed, 1)
+    alone_ms = (batch1["ms_per_batch_p50"] + decode_ms) if batch1 and decode_ms else None
+    value = _ratio(ours1 and ours1["latency_ms"]["p50"], alone_ms)
+    ratios["c1_latency_vs_alone"], at["c1_latency_vs_alone"] = value, 1
+    targets["c1_latency_vs_alone"] = {
+        "target": f"<= {C1_LATENCY_TARGET} x (decode + onnxruntime batch 1, alone)",
+        "value": value, "alone_ms": alone_ms and round(alone_ms, 2),
+        "ours_p50_ms": ours1 and ours1["latency_ms"]["p50"],
+        "met": None if value is None else value <= C1_LATENCY_TARGET}
 
     jobs = (result.get("batch_job") or {}).get("configs", {})
     local = jobs.get("local", {}).get("images_per_s")

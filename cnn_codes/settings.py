@@ -53,6 +53,10 @@ class Settings(BaseSettings):
             grow (a cap on what BentoML's dispatcher learns; see :mod:`service.batching`).
         max_concurrency: concurrent requests per API worker; more get 429 + Retry-After.
         api_workers: API service worker processes.
+        batching: where the inference core and its adaptive batching run: ``in_process`` (a
+            session and batcher in every API worker, :class:`service.core.LocalCore`) or
+            ``encoder`` (one separate Encoder worker process with BentoML's batching,
+            :mod:`service.encoder`). See README "Performance" for the figures.
         max_images_per_request: images in one request before 413.
         max_image_pixels: width*height above which an image is refused (decompression bombs).
         request_timeout_s: per-request timeout, seconds (504 after it).
@@ -135,6 +139,7 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(default=5.0, ge=0)
     max_concurrency: int = Field(default=64, ge=1)
     api_workers: int = Field(default=1, ge=1)
+    batching: Literal["in_process", "encoder"] = "in_process"
     max_images_per_request: int = Field(default=64, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     request_timeout_s: int = Field(default=60, ge=1)

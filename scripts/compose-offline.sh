@@ -43,6 +43,7 @@
 #   CNN_CODES_REBUILD       1: rebuild images that already exist in the daemon
 #   CNN_CODES_COMPOSE_EXTRA more compose files (':'-separated), after the override
 #   CNN_CODES_WAIT_TIMEOUT  seconds `up --wait` waits for healthy replicas (600)
+#   CNN_CODES_DAEMON_TIMEOUT  seconds a starting dockerd has to answer (180)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -86,6 +87,14 @@ export PATH=$STATE/bin:$PATH
 log() { printf '[compose-offline %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 now() { date +%s; }
+
+# A process that exists and is not a zombie (an exited dockerd its parent has not reaped yet).
+alive() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [ "${stat%% *}" != Z ]
+}
 
 need_root() { [ "$(id -u)" -eq 0 ] || die "run as root (dockerd, debootstrap and apt-get need it)"; }
 
@@ -145,7 +154,7 @@ deps() {
 daemon_pid() {
   local pid
   pid=$(cat "$STATE/dockerd.pid" 2>/dev/null) || return 1
-  [ -n "$pid" ] && [ -d "/proc/$pid" ] && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null \
+  [ -n "$pid" ] && alive "$pid" && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null \
     | grep -q -- "--data-root $STATE/data" || return 1
   echo "$pid"
 }
@@ -162,7 +171,8 @@ launch_daemon() {
     --pidfile "$STATE/dockerd.pid" < /dev/null >> "$STATE/dockerd.log" 2>&1 &
   pid=$!
   STARTED_DAEMON=1
-  local deadline=$(( $(now) + 60 ))
+  # generous: on a loaded 2-core machine dockerd and its containerd take a while to answer
+  local deadline=$(( $(now) + ${CNN_CODES_DAEMON_TIMEOUT:-180} ))
   until docker info >/dev/null 2>&1; do
     if ! kill -0 "$pid" 2>/dev/null; then
       wait "$pid" 2>/dev/null || true
@@ -171,7 +181,7 @@ launch_daemon() {
     fi
     if [ "$(now)" -gt "$deadline" ]; then
       tail -20 "$STATE/dockerd.log" >&2 || true
-      die "dockerd did not answer within 60 s (log: $STATE/dockerd.log)"
+      die "dockerd did not answer within ${CNN_CODES_DAEMON_TIMEOUT:-180} s (log: $STATE/dockerd.log)"
     fi
     sleep 0.5
   done
@@ -213,16 +223,38 @@ stop_daemon() {
   if pid=$(daemon_pid); then
     log "stopping dockerd (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
-    local deadline=$(( $(now) + 60 ))
-    while [ -d "/proc/$pid" ] && [ "$(now)" -le "$deadline" ]; do sleep 0.5; done
-    [ -d "/proc/$pid" ] && { log "dockerd did not stop in 60 s: SIGKILL"; kill -KILL "$pid" || true; }
-    while [ -d "/proc/$pid" ]; do sleep 0.2; done
+    local deadline=$(( $(now) + 120 ))
+    while alive "$pid" && [ "$(now)" -le "$deadline" ]; do sleep 0.5; done
+    if alive "$pid"; then
+      log "dockerd did not stop in 120 s: SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      deadline=$(( $(now) + 60 ))
+      while alive "$pid" && [ "$(now)" -le "$deadline" ]; do sleep 0.2; done
+      alive "$pid" && log "warning: dockerd (pid $pid) still there after SIGKILL"
+    fi
   fi
-  # containerd shims of this daemon's containers outlive it when killed: end them by id
-  local shim
+  # containerd shims of this daemon's containers outlive it when killed: end each one's
+  # container (its init, the shim's child: the whole PID namespace goes with it), then the shim
+  local shim child
   for shim in $(pgrep -f -- "containerd-shim.*-address $STATE/exec/" 2>/dev/null || true); do
+    for child in $(pgrep -P "$shim" 2>/dev/null || true); do
+      log "ending container init $child of leftover containerd shim $shim"
+      kill -KILL "$child" 2>/dev/null || true
+    done
     log "ending leftover containerd shim $shim"
     kill -KILL "$shim" 2>/dev/null || true
+  done
+}
+
+# Bridges of this daemon's networks (br-<first 12 of the id>) left on the host if it died
+# before removing them; the ids were listed while it still answered.
+remove_bridges() {
+  local id
+  for id in "$@"; do
+    if [ -e "/sys/class/net/br-${id:0:12}" ] && command -v ip >/dev/null 2>&1; then
+      log "removing leftover bridge br-${id:0:12}"
+      ip link delete "br-${id:0:12}" 2>/dev/null || true
+    fi
   done
 }
 
@@ -236,14 +268,17 @@ remove_state() {
 
 down() {
   need_root
+  local networks=()
   if daemon_up; then
+    mapfile -t networks < <(docker network ls -q --no-trunc --filter driver=bridge 2>/dev/null)
     log "docker compose down"
     docker compose --profile grafana down --volumes --remove-orphans --timeout 30 || true
     local left
     left=$(docker ps -aq)
-    [ -n "$left" ] && docker rm -f $left >/dev/null
+    [ -n "$left" ] && { docker rm -f $left >/dev/null || true; }
   fi
   stop_daemon
+  remove_bridges "${networks[@]}"
   remove_state
 }
 

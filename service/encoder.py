@@ -14,41 +14,15 @@ import bentoml
 import numpy as np
 
 from cnn_codes.settings import Settings
-from models.card import ModelCard, compatibility_problems
-from models.repository import PublishedModel, resolve
-from models.runtime import OnnxEncoder, SessionConfig
-from service import metrics
+from models.card import ModelCard
+from models.repository import resolve
 from service.bentoml_compat import RUNNER_CONNECTION, cap_learned_wait
+from service.core import load_version, observe_batch, open_core
 
 logger = logging.getLogger("cnn_codes.encoder")
 
 # Read once at import: BentoML's decorators below need the numbers when the class is defined.
 SETTINGS = Settings()
-
-
-def open_core(published: PublishedModel, settings: Settings) -> OnnxEncoder:
-    """Open a session on ``published`` and run a canary batch through it.
-
-    Raises:
-        ProviderUnavailableError: see :func:`models.runtime.open_session`.
-        RuntimeError: the canary produced non-finite outputs.
-    """
-    card = published.card
-    core = OnnxEncoder.create(str(published.onnx_path), card,
-                              SessionConfig.from_settings(settings))
-    size = card.preprocessing.crop_size
-    canary = core.run(np.full((1, size, size, 3), 127, dtype=np.uint8))
-    if not np.isfinite(canary).all():
-        raise RuntimeError(f"canary inference of {card.name}:{card.version} "
-                           "produced non-finite outputs")
-    _model_info(core, 1)
-    return core
-
-
-def _model_info(core: OnnxEncoder, value: int) -> None:
-    card = core.card
-    metrics.MODEL_INFO.labels(name=card.name, version=str(card.version), backbone=card.backbone,
-                              precision=card.precision, provider=core.provider).set(value)
 
 
 @bentoml.service(name="cnn_codes_encoder", workers=1,
@@ -82,8 +56,7 @@ class Encoder:
         """``(N, S, S, 3)`` uint8 -> ``(N, K + D + C)`` float32 (logits|embedding|features)."""
         started = time.perf_counter()
         packed = self.core.run(images)  # one reference read: a reload swaps self.core whole
-        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
-        metrics.BATCH_SIZE.observe(len(images))
+        observe_batch(len(images), time.perf_counter() - started)
         return packed
 
     @bentoml.api
@@ -100,21 +73,5 @@ class Encoder:
         Returns:
             ``{"ok": True, "version": v}`` or ``{"ok": False, "error": "..."}``.
         """
-        current = self.core
-        if version == current.card.version:
-            return {"ok": True, "version": version}
-        try:
-            published = resolve(self.settings.repository, current.card.name, version)
-            problems = compatibility_problems(current.card, published.card)
-            if problems:
-                raise ValueError(f"version {version} is not compatible with version "
-                                 f"{current.card.version}: {', '.join(problems)}")
-            new = open_core(published, self.settings)
-        except Exception as exc:  # any failure keeps the old model serving
-            logger.error("refused to load %s:%s: %s", current.card.name, version, exc)
-            return {"ok": False, "error": str(exc)}
-        self.core = new
-        _model_info(current, 0)
-        logger.info("now serving %s:%d (was %d)", new.card.name, new.card.version,
-                    current.card.version)
-        return {"ok": True, "version": new.card.version}
+        self.core, result = load_version(self.core, version, self.settings)
+        return result

@@ -75,6 +75,7 @@ class InferencePipeline:
         self.settings = settings
         self.limits = DecodeLimits.from_settings(settings)
         self._encode = encode
+        self.decoding = 0  # images being decoded now (the in-process batcher waits for them)
 
     @property
     def card(self) -> ModelCard:
@@ -130,8 +131,12 @@ class InferencePipeline:
         self.check_count(len(payloads))
         card = self.card
         metrics.REQUEST_IMAGES.labels(endpoint=endpoint).observe(len(payloads))
-        decoded = await asyncio.to_thread(decode_batch, payloads, card.preprocessing,
-                                          self.limits, observe=_observe_decode)
+        self.decoding += len(payloads)
+        try:
+            decoded = await asyncio.to_thread(decode_batch, payloads, card.preprocessing,
+                                              self.limits, observe=_observe_decode)
+        finally:
+            self.decoding -= len(payloads)
         outputs = await self.encode_arrays(decoded.arrays, card) if decoded.positions else None
         self.count(endpoint, protocol, ok=len(decoded.positions), failed=len(decoded.errors))
         return PipelineResult(card=card, decoded=decoded, outputs=outputs)

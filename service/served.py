@@ -64,15 +64,6 @@ class ModelHolder:
         self._served = Served.of(card)
 
 
-def load_card(settings: Settings) -> ModelCard:
-    """The verified card of the version ``settings`` names (hashes the ONNX file once).
-
-    Raises:
-        ModelNotFoundError, ModelIntegrityError: see :func:`models.repository.resolve`.
-    """
-    return resolve(settings.repository, settings.model_name, settings.model_version).card
-
-
 class Reloader:
     """Reload to the version ``model_version`` points at now, for one API worker.
 
@@ -170,7 +161,8 @@ async def canary(holder: ModelHolder, model_ref: Callable[[], Awaitable[dict]],
             size = card.preprocessing.crop_size
             await encode(np.zeros((1, size, size, 3), np.uint8))
     except TimeoutError:
-        logger.warning("canary inference: no answer from the Encoder within %g s", timeout_s)
+        logger.warning("canary inference: no answer from the Encoder (inference core) "
+                       "within %g s", timeout_s)
         return False
     except Exception:  # any failure means "not ready yet"; logged for operators
         logger.exception("canary inference failed")

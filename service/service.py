@@ -2,14 +2,17 @@
 
 ::
 
-    client -HTTP/gRPC-> CNNCodes (validate, decode per image) -> Encoder (adaptive batching,
-                                                                  onnxruntime)
+    client -HTTP/gRPC-> CNNCodes (validate, decode per image) -> core (adaptive batching,
+                                                                 onnxruntime)
 
 Pre / core / post: ``CNNCodes`` decodes every image on its own (a bad image becomes a per-item
-error, :mod:`models.decode`), sends only decoded uint8 arrays to ``Encoder.encode`` (batchable,
-so BentoML forms batches across requests and protocols), then post-processes
-(:mod:`service.responses`). Routes are thin: validate, await the pipeline, map typed errors
-through the one error table (:mod:`models.errors`).
+error, :mod:`models.decode`), sends only decoded uint8 arrays to the inference core
+(:mod:`service.core`), then post-processes (:mod:`service.responses`). The core runs in this
+API worker by default (``batching = in_process``: :class:`service.core.LocalCore`), or in the
+separate ``Encoder`` service (``batching = encoder``: BentoML's adaptive batching in its own
+worker, :mod:`service.encoder`, only then declared as a dependency and started). Either way
+HTTP and gRPC share one batcher. Routes are thin: validate, await the pipeline, map typed
+errors through the one error table (:mod:`models.errors`).
 
 Run with ``cnn-codes serve`` (or ``bentoml serve service.service:CNNCodes``); settings come from
 ``CNN_CODES_*`` environment variables (:class:`cnn_codes.settings.Settings`).
@@ -32,8 +35,10 @@ from starlette.responses import JSONResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
 from models.errors import CNNCodesError  # noqa: E402
+from models.repository import resolve  # noqa: E402
 from service import bentoml_compat  # noqa: E402
 from service.bentoml_compat import ErrorEnvelopeMiddleware, client_filename  # noqa: E402
+from service.core import Core, LocalCore, RemoteCore  # noqa: E402
 from service.encoder import Encoder  # noqa: E402
 from service.gateway import Gateway  # noqa: E402
 from service.kserve import grpc_server as kserve_grpc  # noqa: E402
@@ -46,7 +51,7 @@ from service.schemas import (ClassifyResponse, EmbedResponse, Layer, VectorDType
                              VectorEncoding)
 from service.search_route import IndexHolder, SearchResponse  # noqa: E402
 from service.search_route import search as search_route  # noqa: E402
-from service.served import ModelHolder, Reloader, canary, load_card  # noqa: E402
+from service.served import ModelHolder, Reloader, canary  # noqa: E402
 
 logger = logging.getLogger("cnn_codes.service")
 
@@ -80,16 +85,21 @@ class CNNCodes:
     """HTTP API: ``/classify``, ``/embed``, ``/search``, ``GET /metadata``, the page at ``/``
     (:mod:`service.page`); ready after a canary inference."""
 
-    encoder = bentoml.depends(Encoder)
+    if SETTINGS.batching == "encoder":  # else no Encoder process is started at all
+        encoder = bentoml.depends(Encoder)
 
     def __init__(self) -> None:
         self.settings = Settings()
-        self.holder = ModelHolder(load_card(self.settings))
-        # the dependency's client methods exist only once the worker runs: resolve per call
-        self.pipeline = InferencePipeline(
-            self.holder, self.settings, lambda batch: self.encoder.to_async.encode(batch))
-        self.reloader = Reloader(self.holder, self.settings,
-                                 lambda version: self.encoder.to_async.load(version))
+        published = resolve(self.settings.repository, self.settings.model_name,
+                            self.settings.model_version)  # verified once (sha256, card)
+        self.holder = ModelHolder(published.card)
+        self.core: Core = (
+            LocalCore(published, self.settings, pending=lambda: self.pipeline.decoding)
+            if self.settings.batching == "in_process"
+            # the dependency's client exists only once the worker runs: resolved per call
+            else RemoteCore(lambda: self.encoder))
+        self.pipeline = InferencePipeline(self.holder, self.settings, self.core.encode)
+        self.reloader = Reloader(self.holder, self.settings, self.core.load)
         # POST /search: an index of the served version, or a start-up error naming both
         self.index = IndexHolder(self.settings.index, self.settings.reload_poll_s)
         self.index.load_for(self.holder.card)
@@ -119,7 +129,7 @@ class CNNCodes:
     async def __is_ready__(self) -> bool:
         """Ready once a canary inference through the Encoder succeeded on the same model."""
         if not self._ready:
-            self._ready = await canary(self.holder, self.encoder.to_async.model_ref,
+            self._ready = await canary(self.holder, self.core.model_ref,
                                        self.pipeline.encode_arrays)
         return self._ready
 
@@ -133,7 +143,7 @@ class CNNCodes:
             return False
         try:
             async with asyncio.timeout(self.settings.readiness_timeout_s):
-                await self.encoder.to_async.model_ref()
+                await self.core.model_ref()
             return True
         except Exception as exc:  # a frozen, dead or restarting Encoder: not serving now
             logger.warning("Encoder did not answer the health probe: %s",

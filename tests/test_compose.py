@@ -9,8 +9,11 @@ free loopback ports. Every request goes through nginx's published ports on 127.0
 replica's own counters are read inside its container (``docker exec``), as nothing else can
 reach it.
 
-Slow (a fresh image build, several minutes) and in need of the package mirror and PyPI: it runs
-with ``CNN_CODES_COMPOSE_TESTS=1`` (``make test-compose``) and is skipped otherwise.
+Slow (a fresh image build, several minutes), as root, and in need of the package mirror and
+PyPI. It runs with ``CI=true`` or ``CNN_CODES_COMPOSE_TESTS=1`` (``make test`` and ``make
+test-compose`` set it) and is skipped otherwise. Under ``CI=true`` a missing prerequisite (not
+root, no apt-get, no CA bundle, no ``.venv``) fails the module, and so does a failing apt-get or
+build (the script's exit status); elsewhere a missing prerequisite is a skip naming it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -32,16 +36,47 @@ import tritonclient.grpc as triton_grpc
 
 from conftest import REPO_ROOT, base_env, free_port, last_json_line, run_cli, wait_until
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("CNN_CODES_COMPOSE_TESTS") != "1",
-    reason="docker compose test: set CNN_CODES_COMPOSE_TESTS=1 (make test-compose)")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+pytestmark = [
+    pytest.mark.skipif(
+        not IN_CI and os.environ.get("CNN_CODES_COMPOSE_TESTS") != "1",
+        reason="docker compose test: runs with CI=true or CNN_CODES_COMPOSE_TESTS=1 "
+               "(make test, make test-compose)"),
+    # the first test carries the module fixture's set-up (apt-get on a fresh machine, the
+    # daemon, four image builds: 3.5 min here under load, bounded at 1500 s; `up --wait`,
+    # bounded at 600 s) on top of the session's training when run alone: more than the
+    # suite's 900 s per test where the mirror is slow
+    pytest.mark.timeout(2400),
+]
 
 SCRIPT = REPO_ROOT / "scripts" / "compose-offline.sh"
 DOCKER = "/usr/bin/docker"          # Debian's CLI, the daemon's version (the script installs it)
 PROJECT = "cnn-codes-test"
 TIMEOUT = 60.0
 JOB = "cnn-codes"                   # the scrape job of deploy/prometheus/prometheus.yml
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")   # the script copies it into images
 
+
+def require(condition: bool, message: str) -> None:
+    """A missing prerequisite: a failure under ``CI=true``, a skip naming it elsewhere."""
+    if condition:
+        return
+    message = f"docker compose test: {message}"
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def check_prerequisites() -> None:
+    require(os.geteuid() == 0, "needs root (apt-get, dockerd and debootstrap)")
+    require(bool(shutil.which("apt-get"))
+            or (bool(shutil.which("dockerd")) and bool(shutil.which("debootstrap"))
+                and Path(DOCKER).is_file()),
+            "needs apt-get to install docker.io and debootstrap")
+    require(HOST_CA_BUNDLE.is_file(), f"{HOST_CA_BUNDLE} missing (pip inside the image builds)")
+    require((REPO_ROOT / ".venv" / "bin" / "python").is_file(),
+            ".venv/bin/python missing (make venv): the script runs bentoml from it")
 
 
 class Stack:
@@ -161,10 +196,16 @@ def watch_start(stack: Stack, replicas: int, timeout: float = 600) -> dict:
     return {"seen": seen, "seconds": round(time.monotonic() - start, 1)}
 
 
+@pytest.fixture(scope="session")
+def prerequisites() -> None:
+    """Checked before the session's training and export fixtures run (session scope, and
+    ``stack`` asks for it first); only this module asks for it."""
+    check_prerequisites()
+
+
 @pytest.fixture(scope="module")
-def stack(published: dict, trained_run: Path, tmp_path_factory: pytest.TempPathFactory):
-    for tool in ("apt-get",):
-        assert shutil.which(tool), f"{tool} needed to install docker.io and debootstrap"
+def stack(prerequisites: None, published: dict, trained_run: Path,
+          tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("compose")
     # the mounted model repository: a copy of the published one, readable by the image's user
     repository = tmp / "models"
@@ -196,6 +237,13 @@ services:
     s = Stack(state, env, repository, ports)
     s.trained_run, s.published = trained_run, published
     s.start_proc = None
+
+    # a runner that stops pytest with SIGTERM (a CI time limit) still gets the teardown below:
+    # as for Ctrl-C, pytest stops the session and tears its fixtures down
+    def terminated(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}: tearing the compose stack down")
+    previous_sigterm = signal.signal(signal.SIGTERM, terminated)
+    setup_failed = False
     try:
         started = time.monotonic()
         build = s.script("build", timeout=1500)
@@ -205,29 +253,47 @@ services:
             for m in re.finditer(r"\] (\S+) built in (\d+) s \((\d+) MB\)", build.stderr)}
         started = time.monotonic()
         s.compose("up", "-d", "--no-start")      # created, so the watch sees every start
-        s.start_proc = subprocess.Popen(
-            [str(SCRIPT), "compose", "up", "-d", "--wait", "--wait-timeout", "600"],
-            env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, stdin=subprocess.DEVNULL)
+        # its output to a file: a pipe nobody reads while the watch runs could fill and block it
+        up_log = tmp / "compose-up.log"
+        with up_log.open("w") as log:
+            s.start_proc = subprocess.Popen(
+                [str(SCRIPT), "compose", "up", "-d", "--wait", "--wait-timeout", "600"],
+                env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL)
         s.start = watch_start(s, 2)
-        out, _ = s.start_proc.communicate(timeout=600)
-        assert s.start_proc.returncode == 0, out[-4000:]
+        s.start_proc.wait(timeout=660)
+        assert s.start_proc.returncode == 0, up_log.read_text(errors="replace")[-4000:]
         # states now, while the health log (its last 5 probes) still has the first ones
         s.start["states"] = {name: s.inspect(name)[0]["State"] for name in
                              s.containers("cnn-codes") + s.containers("lb")}
         s.measured["up_to_healthy_s"] = round(time.monotonic() - started, 1)
+    except BaseException:
+        setup_failed = True
+        raise
+    else:
         yield s
     finally:
-        if s.start_proc is not None and s.start_proc.poll() is None:
-            s.start_proc.kill()
-            s.start_proc.wait(timeout=30)
-        if not s.down_done:
-            subprocess.run([str(SCRIPT), "down"], env=env, cwd=REPO_ROOT, timeout=300,
-                           capture_output=True, stdin=subprocess.DEVNULL)
         print("\ncompose measurements:", json.dumps(s.measured, indent=1))
         report = os.environ.get("CNN_CODES_COMPOSE_REPORT")
         if report:
             Path(report).write_text(json.dumps(s.measured, indent=1))
+        if s.start_proc is not None and s.start_proc.poll() is None:
+            s.start_proc.kill()
+            s.start_proc.wait(timeout=60)
+        try:
+            if not s.down_done:
+                # generous: with vfs (where overlay2 is refused) `down` takes minutes
+                down = subprocess.run([str(SCRIPT), "down"], env=env, cwd=REPO_ROOT,
+                                      timeout=1200, text=True, capture_output=True,
+                                      stdin=subprocess.DEVNULL)
+                if (down.returncode != 0 or state.exists()) and not setup_failed:
+                    # a daemon or its data left behind is an error of this module, not a note
+                    # (after a failed set-up the script's own failure is the message)
+                    pytest.fail(f"compose-offline.sh down (teardown) exited {down.returncode}, "
+                                f"{state} {'left' if state.exists() else 'removed'}\n"
+                                f"{down.stderr[-4000:]}", pytrace=False)
+        finally:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 def photo(data_dir: Path, cls: str = "bees") -> bytes:
@@ -256,12 +322,18 @@ def test_healthy_only_after_the_canary(stack):
     seen = stack.start["seen"]
     assert len(seen) == 2
     for name, observations in seen.items():
-        assert observations[0]["health"] == "starting", (name, observations[:3])
-        first_healthy = next(o for o in observations if o["health"] == "healthy")
+        # a container only created has no health yet; once running it starts as "starting"
+        live = [o for o in observations if o["status"] == "running"]
+        assert live and live[0]["health"] == "starting", (name, observations[:4])
+        first = next(i for i, o in enumerate(observations) if o["health"] == "healthy")
+        assert all(o["health"] in (None, "starting") for o in observations[:first]), (
+            name, observations[:first + 1])
         # healthy means the canary inference went through the Encoder: one inference, and no
-        # request from anyone yet
-        assert first_healthy.get("inferences", 0) >= 1, (name, first_healthy)
-        assert first_healthy.get("embeds", 0) == 0, (name, first_healthy)
+        # request from anyone yet (the first healthy observation whose /metrics read answered)
+        answered = [o for o in observations[first:] if "inferences" in o]
+        assert answered, (name, observations[first:])
+        assert answered[0]["inferences"] >= 1, (name, answered[0])
+        assert answered[0]["embeds"] == 0, (name, answered[0])
     # nginx starts once the replicas are healthy (depends_on: service_healthy)
     states = stack.start["states"]
     lb_started = timestamp(states[stack.containers("lb")[0]]["StartedAt"])
@@ -284,7 +356,8 @@ def test_healthy_only_after_the_canary(stack):
             health = stack.inspect(probe)[0]["State"]["Health"]
             assert health["Status"] == "starting", health
             return sum(p["ExitCode"] != 0 for p in health["Log"]) >= 2
-        wait_until(failed_probes, "two failed health probes of the canary-less replica", 90)
+        # probes every 10 s (timeout 5 s), all within the 60 s start period: "starting" stays
+        wait_until(failed_probes, "two failed health probes of the canary-less replica", 55)
         logs = stack.docker("logs", probe)
         assert "canary inference: no answer from the Encoder" in logs.stdout + logs.stderr
     finally:
@@ -332,18 +405,26 @@ def test_scale_to_three_and_the_new_replica_gets_traffic_after_nginx_reload(stac
     assert len(replicas) == 3, replicas
     new = replicas[-1]
     assert stack.inspect(new)[0]["State"]["Health"]["Status"] == "healthy"
-    stack.compose("exec", "-T", "lb", "nginx", "-s", "reload")   # the documented step
-    time.sleep(2)                                                # old workers hand over
     before = stack.metric(new, "cnn_codes_images_total", protocol="http", outcome="ok")
     image = photo(data_dir)
+    reloaded = time.monotonic()
+    stack.compose("exec", "-T", "lb", "nginx", "-s", "reload")   # the documented step
+    # `nginx -s reload` only signals the master: requests reach the new replica once the new
+    # workers (which resolved it) take over; every request meanwhile must still succeed
     with httpx.Client(base_url=stack.lb, timeout=TIMEOUT) as client:
-        for _ in range(12):
-            response = client.post("/embed", files=[("images", ("b.jpg", image, "image/jpeg"))])
-            assert response.status_code == 200, response.text
-    assert stack.metric(new, "cnn_codes_images_total", protocol="http", outcome="ok") > before
+        def new_replica_served() -> bool:
+            for _ in range(6):
+                response = client.post("/embed",
+                                       files=[("images", ("b.jpg", image, "image/jpeg"))])
+                assert response.status_code == 200, response.text
+            return stack.metric(new, "cnn_codes_images_total", protocol="http",
+                                outcome="ok") > before
+        wait_until(new_replica_served, "the new replica to get requests after the nginx reload",
+                   120, 0.5)
+    stack.measured["reload_to_new_replica_traffic_s"] = round(time.monotonic() - reloaded, 1)
     # Prometheus finds the third replica through Docker's DNS (refresh 15 s, scrape 15 s)
     ips = {f"{stack.ip(r)}:3000" for r in replicas}
-    wait_until(lambda: stack.up_instances() == ips, "Prometheus to scrape 3 replicas", 120, 2)
+    wait_until(lambda: stack.up_instances() == ips, "Prometheus to scrape 3 replicas", 240, 2)
 
 
 def test_killed_replica_loses_only_its_in_flight_requests_and_shows_down(stack, data_dir):
@@ -400,7 +481,7 @@ def test_killed_replica_loses_only_its_in_flight_requests_and_shows_down(stack, 
         total = stack.query(f'sum(up{{job="{JOB}"}})')
         return (victim_instance not in stack.up_instances()
                 and bool(total) and float(total[0]["value"][1]) == 2)
-    wait_until(shown_down, "Prometheus to show the killed replica down", 90, 1)
+    wait_until(shown_down, "Prometheus to show the killed replica down", 240, 1)
     stack.measured["kill"]["prometheus_down_after_s"] = round(time.monotonic() - killed_from, 1)
 
 
@@ -419,7 +500,7 @@ def test_promote_reaches_every_replica(stack, data_dir):
         return all(stack.metric(r, "cnn_codes_model_info", version=str(version)) == 1
                    for r in replicas)
     started = time.monotonic()
-    wait_until(everywhere, f"every replica to serve version {version}", 120, 1)
+    wait_until(everywhere, f"every replica to serve version {version}", 180, 1)
     stack.measured["promote_reached_all_s"] = round(time.monotonic() - started, 1)
     with httpx.Client(base_url=stack.lb, timeout=TIMEOUT) as client:
         for _ in range(6):
@@ -429,11 +510,23 @@ def test_promote_reaches_every_replica(stack, data_dir):
             assert response.json()["model"]["version"] == version
 
 
+def running(pid: str) -> bool:
+    """The process exists and is not a zombie waiting for its parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_compose_down_leaves_nothing_running(stack):
     pid = (stack.state / "dockerd.pid").read_text().strip()
-    stack.script("down", timeout=300)
+    networks = stack.docker("network", "ls", "-q", "--no-trunc", "--filter",
+                            f"label=com.docker.compose.project={PROJECT}").stdout.split()
+    assert networks, "no compose network before down"
+    stack.script("down", timeout=1200)
     stack.down_done = True
-    assert not Path(f"/proc/{pid}").exists(), "dockerd still running"
+    assert not running(pid), "dockerd still running"
     assert not stack.state.exists(), "daemon data left behind"
     ours = []
     for proc in Path("/proc").iterdir():
@@ -445,6 +538,9 @@ def test_compose_down_leaves_nothing_running(stack):
             if str(stack.state) in cmdline:
                 ours.append(cmdline)
     assert not ours, ours
+    # the compose network's bridge (br-<first 12 of its id>) is gone from the host
+    left = [n for n in networks if Path(f"/sys/class/net/br-{n[:12]}").exists()]
+    assert not left, left
     mounts = Path("/proc/self/mounts").read_text()
     assert str(stack.state) not in mounts
     for port in stack.ports.values():

@@ -171,7 +171,8 @@ def test_help_documents_exit_statuses():
 
 
 def test_crash_loop_after_preflight_stops_serve(published, tmp_path):
-    """The model breaks after the pre-flight; the Encoder then fails on every restart."""
+    """The model breaks after the pre-flight; the worker holding the session then fails on
+    every restart."""
     repository, version_dir = copy_repository(published, tmp_path)
     server = Server(repository, f"{published['name']}:{published['version']}", tmp_path,
                     CNN_CODES_MAX_WORKER_FAILURES="3", CNN_CODES_WORKER_FAILURE_WINDOW_S="120")
@@ -180,8 +181,8 @@ def test_crash_loop_after_preflight_stops_serve(published, tmp_path):
         onnx = version_dir / "model.onnx"
         onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
         api = workers(server.proc.pid, "cnn_codes")
-        (encoder,) = workers(server.proc.pid, "cnn_codes_encoder")
-        encoder.send_signal(signal.SIGKILL)  # BentoML restarts it on the damaged file
+        # the in-process core (batching = in_process) lives in the API worker
+        api[0].send_signal(signal.SIGKILL)  # BentoML restarts it on the damaged file
         try:
             server.proc.wait(timeout=180)
         except subprocess.TimeoutExpired:
@@ -214,36 +215,49 @@ def _grpc_health(server) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def test_readyz_answers_while_the_encoder_is_frozen(server):
+@pytest.fixture(scope="module")
+def encoder_server(published, tmp_path_factory):
+    """The published model served with ``batching = encoder``: a separate Encoder process."""
+    srv = Server(published["repository"], f"{published['name']}:{published['version']}",
+                 tmp_path_factory.mktemp("encoder-server"), CNN_CODES_BATCHING="encoder")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_readyz_answers_while_the_encoder_is_frozen(encoder_server):
     """/readyz answers 503 in bounded time; /v2/health/ready and gRPC health, ready before,
     turn unready while the Encoder is frozen and ready again once it runs."""
-    assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
-    wait_until(lambda: _grpc_health(server) == "SERVING", "gRPC health SERVING", timeout=30)
-    (encoder,) = workers(server.proc.pid, "cnn_codes_encoder")
+    srv = encoder_server
+    assert httpx.get(f"{srv.url}/v2/health/ready", timeout=10).status_code == 200
+    wait_until(lambda: _grpc_health(srv) == "SERVING", "gRPC health SERVING", timeout=30)
+    (encoder,) = workers(srv.proc.pid, "cnn_codes_encoder")
     encoder.send_signal(signal.SIGSTOP)
     try:
         for _ in range(2):  # also with the earlier probe's connection still pending
             started = time.monotonic()
-            response = httpx.get(f"{server.url}/readyz", timeout=20)
+            response = httpx.get(f"{srv.url}/readyz", timeout=20)
             elapsed = time.monotonic() - started
             assert response.status_code == 503, response.text
             assert elapsed < 6, elapsed
             assert response.json()["code"] == "not_ready" and response.json()["error"]
         started = time.monotonic()
-        v2 = httpx.get(f"{server.url}/v2/health/ready", timeout=20)
+        v2 = httpx.get(f"{srv.url}/v2/health/ready", timeout=20)
         assert v2.status_code == 503 and v2.json() == {"ready": False}, v2.text
         assert time.monotonic() - started < 6
-        wait_until(lambda: _grpc_health(server) == "NOT_SERVING", "gRPC health NOT_SERVING",
+        wait_until(lambda: _grpc_health(srv) == "NOT_SERVING", "gRPC health NOT_SERVING",
                    timeout=15)
-        assert httpx.get(f"{server.url}/livez", timeout=5).status_code == 200
+        assert httpx.get(f"{srv.url}/livez", timeout=5).status_code == 200
     finally:
         encoder.send_signal(signal.SIGCONT)
-    wait_until(lambda: httpx.get(f"{server.url}/readyz", timeout=20).status_code == 200,
+    wait_until(lambda: httpx.get(f"{srv.url}/readyz", timeout=20).status_code == 200,
                "/readyz 200 after SIGCONT", timeout=60)
-    assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
-    wait_until(lambda: _grpc_health(server) == "SERVING", "gRPC health SERVING again",
+    assert httpx.get(f"{srv.url}/v2/health/ready", timeout=10).status_code == 200
+    wait_until(lambda: _grpc_health(srv) == "SERVING", "gRPC health SERVING again",
                timeout=30)
-    ok = httpx.post(f"{server.url}/embed", files=[("images", ("a.jpg", jpeg()))], timeout=60)
+    ok = httpx.post(f"{srv.url}/embed", files=[("images", ("a.jpg", jpeg()))], timeout=60)
     assert ok.status_code == 200, ok.text
 
 
@@ -270,7 +284,7 @@ def test_uploads_use_the_instance_temp_folder(published, tmp_path):
             assert not (own / "stale.bin").exists()
             assert not (own / "bentoml-request-stale").exists()
             procs = workers(server.proc.pid)
-            assert len(procs) >= 2
+            assert len(procs) >= 1  # the API worker (and the Encoder with BATCHING=encoder)
             assert {p.environ().get("TMPDIR") for p in procs} == {str(own)}
             response = httpx.post(f"{server.url}/embed", timeout=60,
                                   files=[("images", ("ant.jpg", jpeg()))])

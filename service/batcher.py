@@ -1,0 +1,152 @@
+"""Adaptive batching inside the API worker: concurrent callers' images, one model run per batch.
+
+Callers ``await submit(images)`` with ``(n, S, S, 3)`` uint8 arrays; one runner task takes what
+is queued, up to ``max_batch_size`` images, runs it on a single dedicated thread (onnxruntime
+releases the GIL, so decoding in other threads goes on meanwhile) and hands each caller its own
+rows. While a batch runs, new requests queue and form the next batch, as in Triton's dynamic
+batcher with no queue delay (https://docs.nvidia.com/deeplearning/triton-inference-server/
+user-guide/docs/user_guide/model_configuration.html#dynamic-batcher). The runner waits for more
+(at most ``max_wait_s``) only when the pipeline says images are being decoded right now and will
+arrive shortly (``pending()``), so a lone request at concurrency 1 never waits.
+
+Why not BentoML's own dispatcher: it lives in a separate Encoder process behind an aiohttp call
+with pickle-5 bodies (see ``service.encoder``); measured on 2 cores (``make bench``, README
+"Performance"), the in-process batcher is what lets the service approach the decode +
+onnxruntime limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+RunFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class _Job:
+    images: np.ndarray
+    future: asyncio.Future = field(repr=False)
+
+
+class AdaptiveBatcher:
+    """Forms batches from concurrent :meth:`submit` calls and runs them one at a time.
+
+    Args:
+        run: ``(B, S, S, 3)`` uint8 -> ``(B, F)`` float32, called on the batcher's own thread
+            (read the model reference inside it, so a hot reload applies from the next batch).
+        max_batch_size: most images per run; a submit of more is split by the caller.
+        max_wait_s: longest a batch waits for images still being decoded, seconds.
+        pending: how many images are being decoded right now (will be submitted soon).
+        observe: called with ``(batch_size, seconds)`` after every run (metrics).
+    """
+
+    def __init__(self, run: RunFn, *, max_batch_size: int, max_wait_s: float,
+                 pending: Callable[[], int] = lambda: 0,
+                 observe: Callable[[int, float], None] = lambda n, s: None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max(0.0, max_wait_s)
+        self._pending = pending
+        self._observe = observe
+        self._queue: deque[_Job] = deque()
+        self._wake: asyncio.Event | None = None
+        self._runner: asyncio.Task | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
+
+    async def submit(self, images: np.ndarray) -> np.ndarray:
+        """Run ``images`` ``(n, S, S, 3)`` uint8 (``1 <= n <= max_batch_size``) in the next
+        batch with room for them; returns their ``(n, F)`` float32 rows.
+
+        Raises:
+            ValueError: ``n`` is 0 or above ``max_batch_size``.
+            Exception: whatever the model run raised (every caller of that batch gets it).
+        """
+        if not 1 <= len(images) <= self.max_batch_size:
+            raise ValueError(f"submit 1..{self.max_batch_size} images, got {len(images)}")
+        loop = asyncio.get_running_loop()
+        if self._runner is None or self._runner.done():
+            self._wake = asyncio.Event()
+            self._runner = loop.create_task(self._serve(), name="adaptive-batcher")
+        job = _Job(images, loop.create_future())
+        self._queue.append(job)
+        self._wake.set()
+        return await job.future
+
+    def _take(self) -> list[_Job]:
+        """Queued jobs, oldest first, while they fit in one batch."""
+        jobs, size = [], 0
+        while self._queue and size + len(self._queue[0].images) <= self.max_batch_size:
+            job = self._queue.popleft()
+            if job.future.cancelled():
+                continue
+            jobs.append(job)
+            size += len(job.images)
+        return jobs
+
+    async def _gather(self) -> list[_Job]:
+        """One batch: what is queued now, plus what arrives within ``max_wait_s`` while images
+        are still being decoded and the batch has room."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        jobs = self._take()
+        size = sum(len(j.images) for j in jobs)
+        while size < self.max_batch_size and self._pending() > 0:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                break
+            more = self._take()
+            jobs += more
+            size += sum(len(j.images) for j in more)
+            if not more and self._queue:  # the next job does not fit: run this batch
+                break
+        return jobs
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            jobs = await self._gather()
+            if not jobs:
+                continue
+            batch = (jobs[0].images if len(jobs) == 1
+                     else np.concatenate([j.images for j in jobs]))
+            started = loop.time()
+            try:
+                out = await loop.run_in_executor(self._thread, self._run, batch)
+            except Exception as exc:  # every caller of this batch gets the failure
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            self._observe(len(batch), loop.time() - started)
+            offset = 0
+            for job in jobs:
+                n = len(job.images)
+                if not job.future.done():
+                    job.future.set_result(out[offset:offset + n])
+                offset += n
+
+    def close(self) -> None:
+        """Stop the runner and its thread (batches in flight finish first)."""
+        if self._runner is not None:
+            self._runner.cancel()
+        self._thread.shutdown(wait=True)

@@ -1,0 +1,165 @@
+"""The in-process adaptive batcher (service/batcher.py) and the local core (service/core.py).
+
+The batcher's model here is a real function on a real thread that records every batch it is
+given; the local core runs the real published model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batcher import AdaptiveBatcher
+
+S = 4
+
+
+def images(n: int, first: int) -> np.ndarray:
+    """``(n, S, S, 3)`` uint8 whose pixel values are their ids ``first..first+n-1``."""
+    ids = np.arange(first, first + n, dtype=np.uint8)
+    return np.broadcast_to(ids[:, None, None, None], (n, S, S, 3)).copy()
+
+
+class Model:
+    """Row i of the output = mean pixel of image i (its id); records batch sizes."""
+
+    def __init__(self, seconds: float = 0.0, fail_on: int | None = None) -> None:
+        self.seconds, self.fail_on = seconds, fail_on
+        self.batches: list[int] = []
+        self.threads: set[str] = set()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(len(batch))
+        time.sleep(self.seconds)
+        if self.fail_on is not None and self.fail_on in batch[:, 0, 0, 0]:
+            raise RuntimeError("model failed on this batch")
+        return batch.reshape(len(batch), -1).mean(axis=1, keepdims=True).astype(np.float32)
+
+
+def test_concurrent_callers_share_batches_and_each_gets_its_own_rows():
+    model = Model(seconds=0.02)
+    batcher = AdaptiveBatcher(model, max_batch_size=8, max_wait_s=0.0)
+
+    async def main():
+        sizes = [1, 3, 2, 1, 4, 1, 2, 5, 1, 1]
+        firsts = np.cumsum([0] + sizes[:-1])
+        outs = await asyncio.gather(*(batcher.submit(images(n, f))
+                                      for n, f in zip(sizes, firsts)))
+        for out, n, f in zip(outs, sizes, firsts):
+            np.testing.assert_array_equal(out[:, 0], np.arange(f, f + n))
+        return sum(sizes)
+
+    total = asyncio.run(main())
+    batcher.close()
+    assert sum(model.batches) == total
+    assert max(model.batches) <= 8 and len(model.batches) < 10  # batches formed
+    assert model.threads == {t for t in model.threads if t.startswith("batcher")}
+
+
+def test_a_lone_request_does_not_wait_when_nothing_is_being_decoded():
+    model = Model()
+    batcher = AdaptiveBatcher(model, max_batch_size=32, max_wait_s=1.0, pending=lambda: 0)
+
+    async def main():
+        started = time.perf_counter()
+        await batcher.submit(images(1, 0))
+        return time.perf_counter() - started
+
+    assert asyncio.run(main()) < 0.5  # max_wait_s is 1 s: it did not wait for company
+    batcher.close()
+
+
+def test_waits_for_images_being_decoded_up_to_the_bound():
+    model = Model()
+    decoding = {"n": 3}
+    batcher = AdaptiveBatcher(model, max_batch_size=32, max_wait_s=0.5,
+                              pending=lambda: decoding["n"])
+
+    async def late(first: int) -> np.ndarray:
+        await asyncio.sleep(0.05)
+        decoding["n"] -= 1
+        return await batcher.submit(images(1, first))
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(images(1, 0)))
+        await asyncio.gather(first, late(1), late(2), late(3))
+
+    started = time.perf_counter()
+    asyncio.run(main())
+    assert model.batches == [4]  # the three decoding images joined the first one's batch
+    assert time.perf_counter() - started < 0.5
+    model.batches.clear()
+
+    async def stuck():  # pending never drops: the batch runs after max_wait_s anyway
+        decoding["n"] = 1
+        t0 = time.perf_counter()
+        await batcher.submit(images(1, 0))
+        return time.perf_counter() - t0
+
+    waited = asyncio.run(stuck())
+    assert 0.45 < waited < 1.5 and model.batches == [1]
+    batcher.close()
+
+
+def test_a_failing_batch_fails_only_its_callers_and_the_batcher_goes_on():
+    model = Model(seconds=0.05, fail_on=7)
+    batcher = AdaptiveBatcher(model, max_batch_size=2, max_wait_s=0.0)
+
+    async def main():
+        results = await asyncio.gather(
+            batcher.submit(images(2, 0)), batcher.submit(images(1, 7)),
+            batcher.submit(images(1, 9)), return_exceptions=True)
+        after = await batcher.submit(images(1, 20))
+        return results, after
+
+    results, after = asyncio.run(main())
+    assert isinstance(results[1], RuntimeError)
+    assert not isinstance(results[0], Exception) and results[0][:, 0].tolist() == [0, 1]
+    assert after[:, 0].tolist() == [20]
+    batcher.close()
+
+
+def test_submit_refuses_empty_and_oversized_inputs():
+    batcher = AdaptiveBatcher(Model(), max_batch_size=4, max_wait_s=0.0)
+    for n in (0, 5):
+        with pytest.raises(ValueError, match="submit 1..4"):
+            asyncio.run(batcher.submit(images(n, 0)))
+    with pytest.raises(ValueError):
+        AdaptiveBatcher(Model(), max_batch_size=0, max_wait_s=0.0)
+    batcher.close()
+
+
+def test_local_core_encodes_like_onnxruntime_and_refuses_a_bad_reload(published, data_dir):
+    from cnn_codes.settings import Settings
+    from models.decode import decode_file
+    from models.repository import resolve
+    from models.runtime import open_session
+    from service.core import LocalCore
+
+    settings = Settings(repository=published["repository"], model_name=published["name"],
+                        model_version=str(published["version"]), max_batch_size=4)
+    model = resolve(settings.repository, settings.model_name, settings.model_version)
+    core = LocalCore(model, settings)
+    paths = sorted((data_dir / "val" / "bees").glob("*.jpg"))[:6]
+    arrays = np.stack([decode_file(str(p), model.card.preprocessing) for p in paths])
+    session = open_session(str(model.onnx_path))
+    names = [o.name for o in model.card.outputs]
+    reference = np.concatenate(session.run(names, {"images": arrays}), axis=1)
+
+    async def main():
+        outs = await asyncio.gather(*(core.encode(arrays[i:i + 1]) for i in range(6)))
+        ref = await core.model_ref()
+        refused = await core.load(model.card.version + 1)  # no such version
+        return np.concatenate(outs), ref, refused
+
+    packed, ref, refused = asyncio.run(main())
+    core.close()
+    np.testing.assert_allclose(packed, reference, rtol=1e-4, atol=1e-4)
+    assert ref == {"name": published["name"], "version": published["version"]}
+    assert refused["ok"] is False and refused["error"]
+    assert core.session.card.version == published["version"]  # still serving
