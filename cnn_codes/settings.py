@@ -15,6 +15,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Provider = Literal["tensorrt", "cuda", "cpu"]
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 # Environment every entry point sets before importing BentoML / onnxruntime: neither library may
 # reach the internet (BentoML usage tracking, onnxruntime telemetry look-ups).
 OFFLINE_ENV = {"BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1"}
@@ -52,7 +60,8 @@ class Settings(BaseSettings):
         max_batch_wait_ms: the longest adaptive batching holds a request, ms, to let its batch
             grow (a cap on what BentoML's dispatcher learns; see :mod:`service.batching`).
         max_concurrency: concurrent requests per API worker; more get 429 + Retry-After.
-        api_workers: API service worker processes.
+        api_workers: API service worker processes; 0 = one per usable core (with the default
+            in-process core every worker is one decode + batch + onnxruntime pipeline).
         batching: where the inference core and its adaptive batching run: ``in_process`` (a
             session and batcher in every API worker, :class:`service.core.LocalCore`) or
             ``encoder`` (one separate Encoder worker process with BentoML's batching,
@@ -138,7 +147,7 @@ class Settings(BaseSettings):
     max_latency_ms: int = Field(default=30_000, ge=1)
     max_batch_wait_ms: float = Field(default=5.0, ge=0)
     max_concurrency: int = Field(default=64, ge=1)
-    api_workers: int = Field(default=1, ge=1)
+    api_workers: int = Field(default=0, ge=0)
     batching: Literal["in_process", "encoder"] = "in_process"
     max_images_per_request: int = Field(default=64, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
@@ -170,6 +179,22 @@ class Settings(BaseSettings):
     worker_failure_window_s: float = Field(default=60.0, gt=0)
     index: Path | None = None
     tmp_dir: Path | None = None
+
+    @property
+    def api_worker_count(self) -> int:
+        """``api_workers``, with 0 resolved to the usable cores (CPU affinity)."""
+        return self.api_workers or usable_cores()
+
+    def core_threads(self) -> int:
+        """onnxruntime intra-op threads of one in-process core: ``intra_op_threads`` when set,
+        else the usable cores shared out among the API workers (at least 1), so two workers
+        on two cores run one thread each instead of four on two cores.
+
+        Measured (2 cores, default model, one photo per request, c=32; `/tmp`-free command in
+        README "Performance"): 1 worker x 2 threads 99.6 images/s, 2 x 1 139.8, 2 x 2 131.3,
+        3 x 1 129.0.
+        """
+        return self.intra_op_threads or max(1, usable_cores() // self.api_worker_count)
 
     @field_validator("model_name")
     @classmethod

@@ -118,8 +118,9 @@ class LocalCore:
 
     def __init__(self, published: PublishedModel, settings: Settings,
                  pending: Callable[[], int] = lambda: 0) -> None:
-        self.settings = settings
-        self.session = open_core(published, settings)
+        # the cores are shared out among the API workers (Settings.core_threads)
+        self.settings = settings.model_copy(update={"intra_op_threads": settings.core_threads()})
+        self.session = open_core(published, self.settings)
         self.batcher = AdaptiveBatcher(
             lambda batch: self.session.run(batch),  # one reference read per batch
             max_batch_size=settings.max_batch_size,

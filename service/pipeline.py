@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -117,12 +118,13 @@ class InferencePipeline:
             logger.warning("Encoder connection failed (%s); retrying once", exc)
             return await self._encode(chunk)
 
-    async def run(self, payloads: list[bytes], *, endpoint: str,
+    async def run(self, payloads: Sequence[bytes | Path], *, endpoint: str,
                   protocol: str = "http") -> PipelineResult:
         """Decode every payload on its own, encode the good ones, count them in metrics.
 
         Args:
-            payloads: encoded image files, in request order.
+            payloads: encoded image files, or paths of files (read in the decode thread with
+                :func:`models.decode.read_file`), in request order.
             endpoint, protocol: labels of the image metrics.
 
         Raises:

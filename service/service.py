@@ -76,7 +76,7 @@ _routes = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]),
 
 @bentoml.asgi_app(_routes, path="/")
 @bentoml.service(
-    name="cnn_codes", workers=SETTINGS.api_workers,
+    name="cnn_codes", workers=SETTINGS.api_worker_count,
     # No BentoML max_concurrency: the Gateway bounds concurrency itself so its 429 can carry
     # Retry-After (BentoML's limiter sits outside user middleware and sends none).
     traffic={"timeout": SETTINGS.request_timeout_s},
@@ -167,9 +167,9 @@ class CNNCodes:
             BentoMLException: ``no_images`` / ``too_many_images`` with the table's status.
         """
         try:
-            self.pipeline.check_count(len(images))
-            payloads = await asyncio.to_thread(lambda: [p.read_bytes() for p in images])
-            return await self.pipeline.run(payloads, endpoint=endpoint)
+            # the upload files are read in the decode thread (one thread hop per request, not
+            # two), each through models.decode.read_file and its byte limit
+            return await self.pipeline.run(images, endpoint=endpoint)
         except CNNCodesError as exc:
             raise bentoml_compat.to_bentoml(exc) from None
 

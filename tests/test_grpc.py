@@ -64,10 +64,12 @@ PROTO = "service/kserve/proto/grpc_predict_v2.proto"
 
 @pytest.fixture(scope="module")
 def oip(published: dict, tmp_path_factory: pytest.TempPathFactory):
-    """The served model with an API key and a 12 MiB gRPC message limit."""
+    """The served model with an API key and a 12 MiB gRPC message limit, on one API worker:
+    its one batcher is what HTTP and gRPC share (with N workers each worker has its own, shared
+    by both protocols reaching that worker)."""
     srv = Server(published["repository"], f"{published['name']}:{published['version']}",
                  tmp_path_factory.mktemp("oip"), CNN_CODES_API_KEYS=json.dumps([KEY]),
-                 CNN_CODES_GRPC_MAX_MESSAGE_BYTES=str(MAX_MESSAGE))
+                 CNN_CODES_GRPC_MAX_MESSAGE_BYTES=str(MAX_MESSAGE), CNN_CODES_API_WORKERS="1")
     try:
         srv.wait_ready()
         wait_for(lambda: health_status(srv.grpc_url, "") == "SERVING", srv)
@@ -507,7 +509,7 @@ def test_requests_and_images_counted_by_protocol(oip, client, http_client, publi
 
 
 def test_http_and_grpc_requests_share_batches(oip, client, card, published, photos):
-    """While the Encoder works through a queue of full batches (gRPC UINT8), one HTTP /embed
+    """While the core works through a queue of full batches (gRPC UINT8), one HTTP /embed
     image and one gRPC image arrive; a batch of exactly 2 can only hold one of each.
 
     The two singles are sent once the first full batch has come back, so the Encoder is known

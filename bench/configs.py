@@ -1,0 +1,90 @@
+"""Serving configurations side by side (not a test): which core, how many workers and threads.
+
+Each configuration is one ``cnn-codes serve`` of a published model with some ``CNN_CODES_*``
+settings, driven over loopback by the bench's closed-loop client (one photo per request to
+``/embed``, the sample photos' natural mix) at each concurrency; the servers run one at a time.
+
+usage (from the repository root, with a published model, e.g. after ``make model``)::
+
+    .venv/bin/python -m bench.configs                       # the default set below
+    .venv/bin/python -m bench.configs "name:KEY=V,KEY=V" ... # your own
+
+Environment: ``REPOSITORY`` (default ``model_repository``), ``MODEL`` (default ``default``),
+``CNN_CODES_SAMPLE_DATA``. Prints one line per cell and writes ``bench/results/configs.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.loadgen import multipart_request, run_cell
+from bench.machine import machine_info
+from bench.photos import load_photos
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import DEFAULT_DATA, Server  # noqa: E402  (the tests' harness: own home, free port)
+
+logger = logging.getLogger("bench.configs")
+RESULTS = Path(__file__).resolve().parent / "results" / "configs.json"
+DEFAULT_CONFIGS = [
+    "encoder_1x0:BATCHING=encoder,API_WORKERS=1,INTRA_OP_THREADS=0",
+    "in_process_1x2:BATCHING=in_process,API_WORKERS=1,INTRA_OP_THREADS=2",
+    "in_process_2x1:BATCHING=in_process,API_WORKERS=2,INTRA_OP_THREADS=1",
+    "in_process_2x2:BATCHING=in_process,API_WORKERS=2,INTRA_OP_THREADS=2",
+    "default:",
+]
+
+
+def parse(config: str) -> tuple[str, dict[str, str]]:
+    """``"name:KEY=V,KEY=V"`` -> ``(name, {"CNN_CODES_KEY": "V"})``."""
+    name, _, pairs = config.partition(":")
+    env = {}
+    for pair in filter(None, pairs.split(",")):
+        key, _, value = pair.partition("=")
+        env[f"CNN_CODES_{key}"] = value
+    return name, env
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every configuration; returns 0."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("configs", nargs="*", default=DEFAULT_CONFIGS)
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--duration", type=float, default=8.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    photos = load_photos(Path(os.environ.get("CNN_CODES_SAMPLE_DATA", DEFAULT_DATA)))
+    requests = [multipart_request("/embed", [p], {"layer": "embedding", "normalize": "true"})
+                for p in photos]
+    repository = Path(os.environ.get("REPOSITORY", "model_repository"))
+    model = os.environ.get("MODEL", "default")
+    results = {"machine": machine_info(), "model": model, "configs": {}}
+    for config in args.configs:
+        name, env = parse(config)
+        server = Server(repository, model, Path(tempfile.mkdtemp(prefix="cnn-codes-cfg-")), **env)
+        try:
+            server.wait_ready(300)
+            cells = []
+            for c in map(int, args.concurrency.split(",")):
+                cell = run_cell(server.url, requests, c, warmup_s=args.warmup,
+                                duration_s=args.duration)
+                cells.append(cell.as_dict())
+                print(f"{name:16s} c={c:<3d} {cell.images_per_s:7.1f} images/s  p50 "
+                      f"{cell.latency_ms['p50']:6.1f} ms  p99 {cell.latency_ms['p99']:6.1f} ms"
+                      f"  errors {cell.errors}", flush=True)
+        finally:
+            server.stop()
+        results["configs"][name] = {"env": env, "cells": cells}
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
