@@ -140,7 +140,9 @@ def test_search_service_end_to_end_and_hot_reload(index, embedded, two_versions,
     repository, name = two_versions["repository"], two_versions["name"]
     served_index = tmp_path / "served-index"
     shutil.copytree(index["dir"], served_index)
-    server = Server(repository, f"{name}:production", tmp_path,
+    # one API worker: POST /admin/reload reloads the worker that answers it (the others follow
+    # the alias within RELOAD_POLL_S, which is off here)
+    server = Server(repository, f"{name}:production", tmp_path, CNN_CODES_API_WORKERS="1",
                     CNN_CODES_INDEX=str(served_index), CNN_CODES_RELOAD_POLL_S="0",
                     CNN_CODES_ADMIN_KEYS=json.dumps([ADMIN]))
     photo = photos(data_dir)[3]
