@@ -91,8 +91,10 @@ def test_hot_reload_follows_alias_without_failed_requests(repo_two_versions, dat
                                                           tmp_path):
     repository, name = repo_two_versions["repository"], repo_two_versions["name"]
     image = sorted((data_dir / "val" / "ants").glob("*.jpg"))[0]
+    # one API worker: "never back to the old version" holds per worker; several workers each
+    # follow the alias on their own poll, so for up to RELOAD_POLL_S they answer different versions
     server = Server(repository, f"{name}:production", tmp_path, CNN_CODES_RELOAD_POLL_S="1",
-                    CNN_CODES_ADMIN_KEYS=json.dumps([ADMIN]))
+                    CNN_CODES_ADMIN_KEYS=json.dumps([ADMIN]), CNN_CODES_API_WORKERS="1")
     statuses: list[int] = []
     versions: list[int] = []
     stop = threading.Event()
