@@ -23,7 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.loadgen import multipart_request, run_cell
+from bench.contenders import embed_requests
+from bench.loadgen import run_cell
 from bench.machine import machine_info
 from bench.photos import load_photos
 
@@ -61,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     photos = load_photos(Path(os.environ.get("CNN_CODES_SAMPLE_DATA", DEFAULT_DATA)))
-    requests = [multipart_request("/embed", [p], {"layer": "embedding", "normalize": "true"})
-                for p in photos]
+    requests = embed_requests(photos)
     repository = Path(os.environ.get("REPOSITORY", "model_repository"))
     model = os.environ.get("MODEL", "default")
     results = {"machine": machine_info(), "model": model, "configs": {}}

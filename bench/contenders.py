@@ -25,7 +25,8 @@ from models.postprocess import cosine_rows
 logger = logging.getLogger(__name__)
 
 
-def _embed_requests(photos: Sequence[Photo]) -> list[HttpRequest]:
+def embed_requests(photos: Sequence[Photo]) -> list[HttpRequest]:
+    """One multipart ``/embed`` request per photo (layer ``embedding``, normalised)."""
     return [multipart_request("/embed", [p], {"layer": "embedding", "normalize": "true"})
             for p in photos]
 
@@ -62,7 +63,7 @@ def cnn_codes_system(model: BenchModel, photos: Sequence[Photo], work_dir: Path,
         return {"embedding_dim": int(vector.size),
                 "embedding_norm": round(float(np.linalg.norm(vector)), 4)}
 
-    endpoints = [Endpoint("embed", _embed_requests(photos)),
+    endpoints = [Endpoint("embed", embed_requests(photos)),
                  Endpoint("classify", _classify_requests(photos))]
     grpc = grpc_endpoint(model, photos, grpc_port)
     if grpc is not None:
@@ -116,7 +117,7 @@ def fastapi_system(model: BenchModel, photos: Sequence[Photo], work_dir: Path,
                 "cosine_vs_cnn_codes": None if cosine is None else round(cosine, 6)}
 
     return System("fastapi_torch", "FastAPI + torch eager", server, url,
-                  lambda: http_ok(f"{url}/readyz"), [Endpoint("embed", _embed_requests(photos))],
+                  lambda: http_ok(f"{url}/readyz"), [Endpoint("embed", embed_requests(photos))],
                   sanity=sanity, profile=profile,
                   notes=["uvicorn, 1 worker; sync endpoint in FastAPI's thread pool; one "
                          "torch forward per request (no batching); torch default threads"])
@@ -284,7 +285,7 @@ def ray_serve_system(model: BenchModel, photos: Sequence[Photo], work_dir: Path,
                 "cosine_vs_cnn_codes": _cosine_vs_reference(vector, shared)}
 
     return System("ray_serve", "Ray Serve (@serve.batch, onnxruntime)", server, url,
-                  lambda: http_ok(f"{url}/readyz"), [Endpoint("embed", _embed_requests(photos))],
+                  lambda: http_ok(f"{url}/readyz"), [Endpoint("embed", embed_requests(photos))],
                   sanity=sanity, profile=profile, ready_timeout_s=300,
                   notes=["ray[serve] at the batch engine's Ray version; local Ray instance "
                          "(no dashboard), Serve's HTTP proxy, 1 replica, max_ongoing_requests "

@@ -190,9 +190,9 @@ class Settings(BaseSettings):
         else the usable cores shared out among the API workers (at least 1), so two workers
         on two cores run one thread each instead of four on two cores.
 
-        Measured (2 cores, default model, one photo per request, c=32; `/tmp`-free command in
-        README "Performance"): 1 worker x 2 threads 99.6 images/s, 2 x 1 139.8, 2 x 2 131.3,
-        3 x 1 129.0.
+        Measured (``python -m bench.configs``, 2 cores, default model, one photo per request,
+        c=32; README "Performance"): 1 worker x 2 threads 113.9 images/s, 2 x 1 115.8-153.8
+        (5 runs), 2 x 2 141.5.
         """
         return self.intra_op_threads or max(1, usable_cores() // self.api_worker_count)
 
