@@ -10,7 +10,7 @@ usage (from the repository root, with a published model, e.g. after ``make model
     .venv/bin/python -m bench.configs "name:KEY=V,KEY=V" ... # your own
 
 Environment: ``REPOSITORY`` (default ``model_repository``), ``MODEL`` (default ``default``),
-``CNN_CODES_SAMPLE_DATA``. Prints one line per cell and writes ``bench/results/configs.json``.
+``CNN_CODES_SAMPLE_DATA``. Prints one line per cell and writes ``bench/results/configs.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     photos = load_photos(Path(os.environ.get("CNN_CODES_SAMPLE_DATA", DEFAULT_DATA)))
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
         results["configs"][name] = {"env": env, "cells": cells}
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 

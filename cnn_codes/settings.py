@@ -66,6 +66,10 @@ class Settings(BaseSettings):
             session and batcher in every API worker, :class:`service.core.LocalCore`) or
             ``encoder`` (one separate Encoder worker process with BentoML's batching,
             :mod:`service.encoder`). See README "Performance" for the figures.
+        http_front: who answers ``POST /classify`` and ``/embed`` over HTTP: ``in_memory``
+            (the body parsed in memory and sent straight to the pipeline,
+            :mod:`service.front`) or ``bentoml`` (BentoML's own routes: temp-file uploads,
+            pydantic input model); the same answers either way. See README "Performance".
         max_images_per_request: images in one request before 413.
         max_image_pixels: width*height above which an image is refused (decompression bombs).
         request_timeout_s: per-request timeout, seconds (504 after it).
@@ -149,6 +153,7 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(default=64, ge=1)
     api_workers: int = Field(default=0, ge=0)
     batching: Literal["in_process", "encoder"] = "in_process"
+    http_front: Literal["in_memory", "bentoml"] = "in_memory"
     max_images_per_request: int = Field(default=64, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     request_timeout_s: int = Field(default=60, ge=1)

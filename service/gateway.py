@@ -11,12 +11,13 @@ In order, for every HTTP request:
 3. **Body limit**: bodies above ``max_request_bytes`` get 413 (BentoML has no limit of its own).
 4. **Bounded readiness**: ``/readyz`` answers within ``readiness_timeout_s`` (503
    ``not_ready`` otherwise), see :func:`service.bentoml_compat.bounded_readiness`.
-5. **Input formats** for ``/classify``, ``/embed`` and ``/search``: multipart (passed
-   through), a raw image body (``image/*`` or ``application/octet-stream``, options as query
-   parameters) or JSON ``{"images": [{"b64": "..."}], ...options}``; the latter two are
-   transcoded to the multipart form the routes declare, so there is one validation path (a
-   ``/search`` JSON body of ``{"vectors": [[...]]}`` goes to the route as JSON: no file in
-   it). Other content types get 415.
+5. **Input formats** for ``/classify``, ``/embed`` and ``/search``: multipart, a raw image
+   body (``image/*`` or ``application/octet-stream``, options as query parameters) or JSON
+   ``{"images": [{"b64": "..."}], ...options}``. Other content types get 415.
+   ``/classify`` and ``/embed`` (the hot path) are answered from the body in memory by the
+   in-memory front (:mod:`service.front`). For ``/search`` (a BentoML route) JSON and raw
+   bodies are transcoded to the multipart form the route declares (a ``/search`` JSON body
+   of ``{"vectors": [[...]]}`` goes to the route as JSON: no file in it).
 
 Every error body is JSON ``{"error": "...", "code": "..."}`` with a code and status from the
 one error table (:mod:`models.errors`).
@@ -35,9 +36,11 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cnn_codes.settings import Settings
-from models.errors import RequestError
+from models.errors import CNNCodesError, RequestError
 from service.auth import check_api_key
 from service.bentoml_compat import READINESS_PATHS, bounded_readiness
+from service.bentoml_compat.uploads import check_filename
+from service.front import FRONT_PATHS, HttpFront, parse_multipart
 from service.page import PAGE_PATHS
 
 INFER_PATHS = frozenset({"/classify", "/embed", "/search"})
@@ -47,7 +50,8 @@ ADMIN_PREFIX = "/admin/"
 RAW_TYPES = ("image/", "application/octet-stream")
 
 
-def encode_multipart(files: list[tuple[str, bytes]], fields: dict[str, str]) -> tuple[bytes, str]:
+def encode_multipart(files: list[tuple[str | None, bytes]],
+                     fields: dict[str, str]) -> tuple[bytes, str]:
     """``multipart/form-data`` body (RFC 7578) with each file as a part named ``images``.
 
     Returns:
@@ -59,7 +63,7 @@ def encode_multipart(files: list[tuple[str, bytes]], fields: dict[str, str]) -> 
         chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
                       .encode() + value.encode() + b"\r\n")
     for filename, data in files:
-        safe = filename.replace('"', "").replace("\r", "").replace("\n", "")
+        safe = (filename or "").replace('"', "").replace("\r", "").replace("\n", "")
         chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="images"; '
                       f'filename="{safe}"\r\nContent-Type: application/octet-stream\r\n\r\n'
                       .encode() + data + b"\r\n")
@@ -71,11 +75,14 @@ def _field_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def transcode_json(body: bytes) -> tuple[bytes, str]:
-    """``{"images": [{"b64": ..., "filename"?: ...}], **options}`` -> multipart.
+def parse_json_images(body: bytes) -> tuple[list[tuple[str | None, bytes]], dict[str, str]]:
+    """``{"images": [{"b64": ..., "filename"?: ...}], **options}`` -> ``(files, options)``:
+    ``(filename, bytes)`` per image (filename ``images[i]`` when none is given) and every other
+    key as text (a JSON value other than a string is its JSON text).
 
     Raises:
-        RequestError: ``bad_request`` naming what is wrong (not JSON, no images, bad base64).
+        RequestError: ``bad_request`` naming what is wrong (not JSON, no images, bad base64,
+            a file name past :data:`service.bentoml_compat.uploads.MAX_FILENAME_BYTES`).
     """
     try:
         document = json.loads(body)
@@ -85,7 +92,7 @@ def transcode_json(body: bytes) -> tuple[bytes, str]:
         raise RequestError("bad_request", f"the body is not valid JSON: {exc}") from None
     if not isinstance(document, dict) or not isinstance(document.get("images"), list):
         raise RequestError("bad_request", 'expected a JSON object {"images": [{"b64": "..."}], ...}')
-    files: list[tuple[str, bytes]] = []
+    files: list[tuple[str | None, bytes]] = []
     for index, item in enumerate(document["images"]):
         if not isinstance(item, dict) or not isinstance(item.get("b64"), str):
             raise RequestError("bad_request", f'images[{index}] must be an object {{"b64": "..."}}')
@@ -94,11 +101,23 @@ def transcode_json(body: bytes) -> tuple[bytes, str]:
         except (binascii.Error, ValueError):
             raise RequestError("bad_request", f"images[{index}].b64 is not valid base64") from None
         filename = item.get("filename")
+        if isinstance(filename, str):
+            check_filename(filename)
         files.append((filename if isinstance(filename, str) else f"images[{index}]", data))
     try:
         options = {k: _field_text(v) for k, v in document.items() if k != "images"}
     except RecursionError:
         raise RequestError("bad_request", "an option's JSON value is nested too deeply") from None
+    return files, options
+
+
+def transcode_json(body: bytes) -> tuple[bytes, str]:
+    """:func:`parse_json_images` re-encoded as multipart (for the BentoML route ``/search``).
+
+    Raises:
+        RequestError: as :func:`parse_json_images`.
+    """
+    files, options = parse_json_images(body)
     return encode_multipart(files, options)
 
 
@@ -160,11 +179,14 @@ class Gateway:
     Args:
         app: the downstream ASGI app (BentoML's routes).
         settings: limits, keys, open paths.
+        front: answers ``/classify`` and ``/embed`` from the body in memory
+            (:mod:`service.front`); None sends them to BentoML's routes too.
     """
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, front: HttpFront | None = None) -> None:
         self.app = app
         self.settings = settings
+        self.front = front
         self.open_paths = frozenset(settings.open_paths) | PAGE_PATHS
         self._in_flight = 0
 
@@ -174,7 +196,7 @@ class Gateway:
             return
         try:
             await self._handle(scope, receive, send)
-        except RequestError as exc:
+        except CNNCodesError as exc:
             response = JSONResponse(exc.body(), status_code=exc.http_status,
                                     headers=exc.headers)
             await response(scope, receive, send)
@@ -219,11 +241,50 @@ class Gateway:
             await send(message)
 
         try:
+            if scope["method"] == "POST" and path in FRONT_PATHS and self.front is not None:
+                await self._answer_in_memory(scope, receive, send_then_release, headers)
+                return
             if scope["method"] == "POST" and path in INFER_PATHS:
                 scope, receive = await self._normalise_body(scope, receive, headers)
             await app(scope, receive, send_then_release)
         finally:
             release()
+
+    async def _read_images_body(self, receive: Receive,
+                                headers: dict[str, str]) -> tuple[str, str, bytes]:
+        """``(content type, media type, body)`` of an image request, the body read within
+        ``max_request_bytes``.
+
+        Raises:
+            RequestError: ``body_too_large``; ``unsupported_media_type`` for a content type
+                other than multipart, JSON or a raw image.
+        """
+        content_type = headers.get("content-type", "")
+        media_type = content_type.split(";")[0].strip().lower()
+        body = await read_body(_asgi_chunks(receive), headers.get("content-length"),
+                               self.settings.max_request_bytes)
+        if media_type not in ("multipart/form-data", "application/json") and \
+                not media_type.startswith(RAW_TYPES):
+            raise RequestError(
+                "unsupported_media_type", f"unsupported content type {media_type or '(none)'}: "
+                "send multipart/form-data, application/json with base64 images, or a raw "
+                "image/* body")
+        return content_type, media_type, body
+
+    async def _answer_in_memory(self, scope: Scope, receive: Receive, send: Send,
+                                headers: dict[str, str]) -> None:
+        """``/classify`` and ``/embed`` through the in-memory front (:mod:`service.front`)."""
+        assert self.front is not None
+        content_type, media_type, body = await self._read_images_body(receive, headers)
+        if media_type == "multipart/form-data":
+            files, fields = parse_multipart(body, content_type)
+        elif media_type == "application/json":
+            files, fields = parse_json_images(body)
+        else:
+            files = [("body", body)]
+            fields = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        response = await self.front.answer(scope["path"], files, fields)
+        await response(scope, receive, send)
 
     async def _bounded_readiness(self, scope: Scope, receive: Receive, send: Send) -> None:
         await bounded_readiness(self.app, scope, receive, send,
@@ -232,10 +293,7 @@ class Gateway:
     async def _normalise_body(self, scope: Scope, receive: Receive,
                               headers: dict[str, str]) -> tuple[Scope, Receive]:
         """Read the body within the limit; transcode JSON / raw images to multipart."""
-        content_type = headers.get("content-type", "")
-        media_type = content_type.split(";")[0].strip().lower()
-        body = await read_body(_asgi_chunks(receive), headers.get("content-length"),
-                               self.settings.max_request_bytes)
+        content_type, media_type, body = await self._read_images_body(receive, headers)
         if media_type == "multipart/form-data":
             new_type = content_type
         elif media_type == "application/json" and scope["path"] in VECTOR_PATHS and \
@@ -243,12 +301,8 @@ class Gateway:
             new_type = content_type
         elif media_type == "application/json":
             body, new_type = transcode_json(body)
-        elif media_type.startswith(RAW_TYPES):
-            body, new_type = transcode_raw(body, scope.get("query_string", b""))
         else:
-            raise RequestError(
-                "unsupported_media_type", f"unsupported content type {media_type or '(none)'}: send multipart/"
-                "form-data, application/json with base64 images, or a raw image/* body")
+            body, new_type = transcode_raw(body, scope.get("query_string", b""))
         replaced = [(k, v) for k, v in scope["headers"]
                     if k.lower() not in (b"content-type", b"content-length")]
         replaced += [(b"content-type", new_type.encode("latin-1")),

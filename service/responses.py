@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 from models.errors import ImageError
 from models.postprocess import (VectorDType, VectorEncoding, encode_vector, prepare_vectors,
-                                softmax, top_k)
+                                softmax)
+from models.postprocess import top_k as top_k_indices
 from service.pipeline import PipelineResult
 from service.schemas import (ClassifyItem, ClassifyResponse, ClassScore, EmbedItem,
                              EmbedResponse, ItemError, Layer, ModelRef)
@@ -26,22 +27,22 @@ def _ref(result: PipelineResult) -> ModelRef:
     return ModelRef(name=card.name, version=card.version, backbone=card.backbone)
 
 
-def classify_response(result: PipelineResult, k: int,
-                      filenames: Sequence[str | None]) -> ClassifyResponse:
+def classify_response(result: PipelineResult, filenames: Sequence[str | None], *,
+                      top_k: int) -> ClassifyResponse:
     """Top-``k`` classes with softmax probabilities per image, in request order.
 
     Args:
         result: the pipeline's outcome for the request.
-        k: classes per image (clamped to the number of classes K).
         filenames: the client's file name per image (None when unknown).
+        top_k: classes per image (clamped to the number of classes K).
     """
     card = result.card
-    k = min(k, len(card.class_names))
+    k = min(top_k, len(card.class_names))
     rows: dict[int, list[ClassScore]] = {}
     if result.outputs is not None:
         probs = softmax(result.outputs["logits"])
         for row, (position, order) in enumerate(zip(result.decoded.positions,
-                                                    top_k(probs, k))):
+                                                    top_k_indices(probs, k))):
             rows[position] = [ClassScore(label=card.class_names[c], index=int(c),
                                          probability=float(probs[row, c])) for c in order]
     results = [ClassifyItem(index=i, filename=name, predictions=rows.get(i),

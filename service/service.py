@@ -21,14 +21,15 @@ Run with ``cnn-codes serve`` (or ``bentoml serve service.service:CNNCodes``); se
 import asyncio
 import logging
 from pathlib import Path
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 from cnn_codes.settings import Settings, apply_offline_env
 
 apply_offline_env()  # before BentoML / onnxruntime do anything
 
 import bentoml  # noqa: E402
-from pydantic import Field  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
@@ -40,11 +41,12 @@ from service import bentoml_compat  # noqa: E402
 from service.bentoml_compat import ErrorEnvelopeMiddleware, client_filename  # noqa: E402
 from service.core import Core, LocalCore, RemoteCore  # noqa: E402
 from service.encoder import Encoder  # noqa: E402
+from service.front import HttpFront, options_model  # noqa: E402
 from service.gateway import Gateway  # noqa: E402
 from service.kserve import grpc_server as kserve_grpc  # noqa: E402
 from service.kserve.http import routes as kserve_routes  # noqa: E402
 from service.page import routes as page_routes  # noqa: E402
-from service.pipeline import InferencePipeline, PipelineResult  # noqa: E402
+from service.pipeline import InferencePipeline  # noqa: E402
 from service.request_metrics import RequestMetricsMiddleware  # noqa: E402
 from service.responses import classify_response, embed_response  # noqa: E402
 from service.schemas import (ClassifyResponse, EmbedResponse, Layer, VectorDType,  # noqa: E402
@@ -54,6 +56,7 @@ from service.search_route import search as search_route  # noqa: E402
 from service.served import ModelHolder, Reloader, canary  # noqa: E402
 
 logger = logging.getLogger("cnn_codes.service")
+RESPONSES = {"classify": classify_response, "embed": embed_response}  # the post stages
 
 # Read once at import: BentoML's decorators below need the numbers when the class is defined.
 SETTINGS = Settings()
@@ -160,16 +163,36 @@ class CNNCodes:
         """Stop this worker's gRPC server: health NOT_SERVING, then a grace period."""
         await kserve_grpc.stop(self)
 
-    async def _run(self, endpoint: str, images: list[Path]) -> PipelineResult:
-        """Read the uploaded files and run them through the shared pipeline.
+    async def answer(self, endpoint: str, payloads: Sequence[bytes | Path],
+                     filenames: Sequence[str | None], **options: Any) -> BaseModel:
+        """``/classify`` or ``/embed``: the images through the shared pipeline, then the
+        endpoint's post stage (:mod:`service.responses`). Both fronts call it: BentoML's routes
+        below and the in-memory front (:mod:`service.front`).
+
+        Args:
+            endpoint: ``classify`` or ``embed``.
+            payloads: encoded image files, or paths of uploaded files (read in the decode
+                thread, each through :func:`models.decode.read_file` and its byte limit), in
+                request order.
+            filenames: the client's file name per image (None when unknown).
+            options: the route's validated options (``top_k``; ``layer``, ``normalize``,
+                ``dtype``, ``encoding``).
+
+        Raises:
+            RequestError: ``no_images`` / ``too_many_images``.
+        """
+        result = await self.pipeline.run(payloads, endpoint=endpoint)
+        return RESPONSES[endpoint](result, filenames, **options)
+
+    async def _route(self, endpoint: str, images: list[Path], **options: Any) -> BaseModel:
+        """:meth:`answer` for a BentoML route (its uploads are temp files).
 
         Raises:
             BentoMLException: ``no_images`` / ``too_many_images`` with the table's status.
         """
         try:
-            # the upload files are read in the decode thread (one thread hop per request, not
-            # two), each through models.decode.read_file and its byte limit
-            return await self.pipeline.run(images, endpoint=endpoint)
+            return await self.answer(endpoint, images, [client_filename(p) for p in images],
+                                     **options)
         except CNNCodesError as exc:
             raise bentoml_compat.to_bentoml(exc) from None
 
@@ -180,8 +203,7 @@ class CNNCodes:
         top_k: Annotated[int, Field(ge=1, le=1000, description="classes per image")] = 5,
     ) -> ClassifyResponse:
         """Top-k classes with softmax probabilities for each image (multipart ``images``)."""
-        result = await self._run("classify", images)
-        return classify_response(result, top_k, [client_filename(p) for p in images])
+        return await self._route("classify", images, top_k=top_k)  # type: ignore[return-value]
 
     @bentoml.api(route="/embed")
     async def embed(
@@ -195,9 +217,8 @@ class CNNCodes:
         """CNN code per image: ``embedding`` (penultimate layer, D) or ``features`` (pooled
         conv output, C), L2-normalised when ``normalize``, as ``dtype``, encoded as a JSON
         ``list`` or ``base64`` of little-endian bytes."""
-        result = await self._run("embed", images)
-        return embed_response(result, [client_filename(p) for p in images], layer=layer,
-                              normalize=normalize, dtype=dtype, encoding=encoding)
+        return await self._route(  # type: ignore[return-value]
+            "embed", images, layer=layer, normalize=normalize, dtype=dtype, encoding=encoding)
 
     @bentoml.api(route="/search")
     async def search(
@@ -230,4 +251,9 @@ bentoml_compat.install_connection_limits(SETTINGS.http_idle_timeout_s,
 bentoml_compat.install_bounded_endpoint_labels()
 CNNCodes.add_asgi_middleware(RequestMetricsMiddleware)  # outermost: counts every answer
 CNNCodes.add_asgi_middleware(ErrorEnvelopeMiddleware)
-CNNCodes.add_asgi_middleware(Gateway, settings=SETTINGS)
+# /classify and /embed answered from the body in memory; the options declared once, above
+_front = HttpFront(bentoml.get_current_service,
+                   {f"/{name}": options_model(CNNCodes.apis[name].input_spec)
+                    for name in ("classify", "embed")})
+CNNCodes.add_asgi_middleware(Gateway, settings=SETTINGS,
+                              front=_front if SETTINGS.http_front == "in_memory" else None)

@@ -287,6 +287,59 @@ def test_overload_answers_429_with_retry_after(api, data_dir):
     assert post(api, "/embed", files=files[:1]).status_code == 200  # recovers
 
 
+def _front_requests(data_dir: Path) -> list[tuple[str, str, dict]]:
+    """(name, route, httpx.post keyword arguments): the request kinds both fronts must answer
+    alike: every input form, options, per-image errors and whole-request refusals."""
+    kinds = {name: data for name, data, _ in cases(data_dir)}
+    jpeg, bad = kinds["photo.jpg"], kinds["truncated.jpg"]
+    b64 = base64.b64encode(jpeg).decode()
+    return [
+        ("multipart", "/embed", {"files": [("images", ("a.jpg", jpeg)),
+                                           ("images", ("bad.jpg", bad)),
+                                           ("images", ("notes.txt", kinds["notes.txt"]))]}),
+        ("options", "/embed", {"files": [("images", ("a.jpg", jpeg))],
+                               "data": {"normalize": "false", "layer": "features",
+                                        "dtype": "float16", "encoding": "base64"}}),
+        ("classify", "/classify", {"files": [("images", ("a.png", kinds["photo.png"])),
+                                             ("images", ("zero.jpg", b""))],
+                                   "data": {"top_k": "1"}}),
+        ("json", "/embed", {"json": {"images": [{"b64": b64, "filename": "x.jpg"}, {"b64": b64}],
+                                     "normalize": False}}),
+        ("raw", "/classify", {"content": jpeg, "params": {"top_k": "2"},
+                              "headers": {"Content-Type": "image/jpeg"}}),
+        ("bad_top_k", "/classify", {"files": [("images", ("a.jpg", jpeg))],
+                                    "data": {"top_k": "0"}}),
+        ("bad_layer", "/embed", {"files": [("images", ("a.jpg", jpeg))],
+                                 "data": {"layer": "logits"}}),
+        ("no_images", "/embed", {"files": [("other", ("a.jpg", jpeg))]}),
+        ("text_images", "/embed", {"files": {"images": (None, "hello")}}),
+        ("too_many", "/embed", {"files": [("images", (f"{i}.jpg", b"x")) for i in range(41)]}),
+        ("not_json", "/embed", {"content": b"{", "headers": {"Content-Type": "application/json"}}),
+    ]
+
+
+def test_both_http_fronts_answer_alike(api, published, data_dir, tmp_path):
+    """The in-memory front (service/front.py, the default) and BentoML's own routes
+    (HTTP_FRONT=bentoml) answer every kind of request with the same status; successes and
+    option errors with the same JSON. A refusal from the in-memory front also carries the
+    error table's ``code`` (BentoML's routes give only ``error``)."""
+    other = Server(published["repository"], f"{published['name']}:{published['version']}",
+                   tmp_path, CNN_CODES_HTTP_FRONT="bentoml", **LIMITS)
+    try:
+        other.wait_ready()
+        for name, route, kwargs in _front_requests(data_dir):
+            mine, theirs = (post(server, route, **kwargs) for server in (api, other))
+            context = (name, mine.text[:500], theirs.text[:500])
+            assert mine.status_code == theirs.status_code, context
+            assert mine.status_code < 500, context
+            if mine.status_code == 200 or "detail" in theirs.json():
+                assert mine.json() == theirs.json(), context
+            else:
+                assert mine.json()["error"] and mine.json()["code"], context
+    finally:
+        other.stop()
+
+
 def openapi_subset(document: dict) -> dict:
     """What clients of ``/classify`` and ``/embed`` code against: the two operations and
     every schema they reference, transitively (other routes may change freely)."""

@@ -17,6 +17,8 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
+from models.errors import RequestError
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,6 +34,22 @@ logger = logging.getLogger(__name__)
 # The longest client file name an upload may carry: NAME_MAX (255 bytes on Linux) less
 # NamedTemporaryFile's ``tmp`` + 8 random characters (see :func:`client_filename`).
 MAX_FILENAME_BYTES = 244
+#: the answer to a file field sent as a text value (BentoML would fetch it as a URL)
+FILE_FIELD_REFUSED = ("file fields must be uploaded files (multipart parts with a filename); "
+                      "URLs and text values are not fetched")
+NAME_TOO_LONG = ("an uploaded file's name is too long: send file names of at most "
+                 f"{MAX_FILENAME_BYTES} bytes")
+
+
+def check_filename(name: str) -> None:
+    """Refuse a client file name longer than :data:`MAX_FILENAME_BYTES` (UTF-8 bytes), on every
+    HTTP path alike (BentoML's temp file could not hold it; the in-memory front refuses it too).
+
+    Raises:
+        RequestError: ``bad_request``.
+    """
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_FILENAME_BYTES:
+        raise RequestError("bad_request", NAME_TOO_LONG)
 
 
 class NoFetchMultipartSerde(bentoml_serde.MultipartSerde):
@@ -52,8 +70,7 @@ class NoFetchMultipartSerde(bentoml_serde.MultipartSerde):
             # (``_bentoml_sdk/validators.py``): a name past the file system's limit fails there
             if exc.errno != errno.ENAMETOOLONG:
                 raise
-            raise InvalidArgument("an uploaded file's name is too long: send file names of "
-                                  f"at most {MAX_FILENAME_BYTES} bytes") from None
+            raise InvalidArgument(NAME_TOO_LONG) from None
 
     @staticmethod
     async def ensure_file(obj: t.Any) -> UploadFile:
@@ -64,8 +81,7 @@ class NoFetchMultipartSerde(bentoml_serde.MultipartSerde):
         """
         if isinstance(obj, UploadFile):
             return obj
-        raise InvalidArgument("file fields must be uploaded files (multipart parts with a "
-                              "filename); URLs and text values are not fetched")
+        raise InvalidArgument(FILE_FIELD_REFUSED)
 
 
 class NoFetchJSONSerde(bentoml_serde.JSONSerde):
