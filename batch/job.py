@@ -30,9 +30,9 @@ Torch-free: onnxruntime, numpy, pillow, pyarrow.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ from batch.folder import (DISK_FULL_ERRNOS, INPUTS_FILE, JOB_FILE, PART_PATTERN,
                           DiskFullError, DType, EmbedJobSpec, JobMismatchError, Layer,
                           ShardResult, atomic_file, count_complete_parts, disk_full_cause,
                           inputs_digest, make_spec, prepare, read_inputs)
+from cnn_codes.settings import usable_cores
 from models.decode import DecodeLimits, decode_file
 from models.errors import ImageError
 from models.postprocess import l2_normalize
@@ -51,23 +52,33 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ShardEmbedder:
-    """Decodes files on a thread pool and runs onnxruntime on batches; writes part files.
+    """Runs whole batches on ``decode_workers`` pipeline threads; writes part files.
 
-    Decoding of batch k+1 overlaps inference on batch k (Pillow and onnxruntime both release
-    the GIL). One instance per process (or Ray actor).
+    Each pipeline thread takes one batch of paths, decodes it (Pillow) and runs it through
+    onnxruntime itself, so with one pipeline per core exactly one thread per core is busy and
+    one pipeline's decoding overlaps another's inference (Pillow and onnxruntime both release
+    the GIL). Unless ``session_config`` sets them, the session's intra-op threads are the
+    cores shared out among the pipelines (1 with one pipeline per core): onnxruntime's
+    threads never fight the decoders for the cores. One instance per process (or Ray actor).
+
+    Why (``cnn-codes embed`` over 2,304 inputs of the sample photos, batch 8, 2 cores,
+    2026-12-01): the previous design, two decoding threads one batch ahead of an onnxruntime
+    session on both cores (four busy threads on two cores), ran 151-169 images/s; two
+    pipelines of one thread each ran 184-194 images/s in a prototype of this loop, and the job
+    itself: see README "Batch embedding jobs".
 
     Attributes:
         model: the verified published model.
         spec: the job's spec (layer, normalisation, dim).
         batch_size: images per onnxruntime run.
-        decode_workers: decoding threads.
+        decode_workers: pipeline threads (each decodes a batch, then runs it).
         limits: per-image limits.
         session_config: onnxruntime providers and threads.
     """
 
     model: PublishedModel
     spec: EmbedJobSpec
-    batch_size: int = 32
+    batch_size: int = 8
     decode_workers: int = 2
     limits: DecodeLimits = field(default_factory=DecodeLimits.default)
     session_config: SessionConfig = SessionConfig()
@@ -77,12 +88,15 @@ class ShardEmbedder:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.decode_workers < 1:
             raise ValueError("batch_size and decode_workers must be >= 1")
-        self._encoder = OnnxEncoder.create(str(self.model.onnx_path), self.model.card,
-                                           self.session_config)
-        self._pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode")
+        config = self.session_config
+        if not config.intra_op_threads:
+            config = replace(config, intra_op_threads=max(1, usable_cores()
+                                                          // self.decode_workers))
+        self._encoder = OnnxEncoder.create(str(self.model.onnx_path), self.model.card, config)
+        self._pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="pipeline")
 
     def close(self) -> None:
-        """Stop the decoding threads."""
+        """Stop the pipeline threads."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -92,18 +106,24 @@ class ShardEmbedder:
         except ImageError as exc:
             return exc
 
-    def _decoded_batches(self, paths: Sequence[str]
-                         ) -> Iterator[list[np.ndarray | ImageError]]:
-        assert self._pool is not None
-        batches = [paths[i:i + self.batch_size] for i in range(0, len(paths), self.batch_size)]
-        pending: list[list[Future]] = []
-        for batch in batches[:2]:
-            pending.append([self._pool.submit(self._decode, p) for p in batch])
-        for k in range(len(batches)):
-            current = pending.pop(0)
-            if k + 2 < len(batches):  # keep one batch decoding ahead of the one in inference
-                pending.append([self._pool.submit(self._decode, p) for p in batches[k + 2]])
-            yield [f.result() for f in current]
+    def _run_batch(self, paths: Sequence[str]
+                   ) -> tuple[np.ndarray | None, list[tuple[str, str] | None]]:
+        """One pipeline step, on a pipeline thread: decode ``paths``, run the good ones.
+
+        Returns:
+            ``(M, D)`` float32 values of the M decodable images (None when M == 0), and per
+            path ``None`` or ``(error_code, message)``.
+        """
+        assert self._encoder is not None
+        decoded = [self._decode(p) for p in paths]
+        good = [item for item in decoded if isinstance(item, np.ndarray)]
+        errors = [None if isinstance(item, np.ndarray) else (item.code, item.message)
+                  for item in decoded]
+        if not good:
+            return None, errors
+        values = split_outputs(self._encoder.run(np.stack(good)), self.model.card)
+        chosen = values[self.spec.layer]
+        return (l2_normalize(chosen) if self.spec.normalize else chosen), errors
 
     def embed(self, paths: Sequence[str], progress: Callable[[int], None] | None = None
               ) -> tuple[np.ndarray, list[tuple[str, str] | None]]:
@@ -113,23 +133,21 @@ class ShardEmbedder:
             ``(N, D)`` float32 (rows of failed images are zeros) and, per path, ``None`` or
             ``(error_code, message)``.
         """
-        assert self._encoder is not None
+        assert self._pool is not None
         out = np.zeros((len(paths), self.spec.dim), dtype=np.float32)
         errors: list[tuple[str, str] | None] = []
+        batches = [paths[i:i + self.batch_size] for i in range(0, len(paths), self.batch_size)]
         row = 0
-        for decoded in self._decoded_batches(paths):
-            good = [i for i, item in enumerate(decoded) if isinstance(item, np.ndarray)]
-            errors.extend(None if isinstance(item, np.ndarray) else (item.code, item.message)
-                          for item in decoded)
-            if good:
-                packed = self._encoder.run(np.stack([decoded[i] for i in good]))
-                values = split_outputs(packed, self.model.card)[self.spec.layer]
-                if self.spec.normalize:
-                    values = l2_normalize(values)
-                out[[row + i for i in good]] = values
-            row += len(decoded)
+        # every batch of the part is queued at once (a part is bounded: --shard-size inputs);
+        # results come back in order
+        for values, batch_errors in self._pool.map(self._run_batch, batches):
+            good = [row + i for i, e in enumerate(batch_errors) if e is None]
+            if values is not None:
+                out[good] = values
+            errors.extend(batch_errors)
+            row += len(batch_errors)
             if progress is not None:
-                progress(len(decoded))
+                progress(len(batch_errors))
         return out, errors
 
     def write_part(self, out_dir: str | Path, index: int, inputs: Sequence[str],

@@ -18,7 +18,8 @@ class JobOptions:
 
     Attributes:
         batch_size: images per onnxruntime run.
-        decode_workers: decoding threads per process (Ray: per actor).
+        decode_workers: pipeline threads per process (Ray: per actor), each decoding a batch
+            and then running it (:class:`batch.job.ShardEmbedder`).
         limits: per-image limits (the HTTP API's).
         session_config: onnxruntime providers and threads.
         engine: ``local`` (this process) or ``ray`` (Ray Data ``map_batches`` over parts,
@@ -30,7 +31,7 @@ class JobOptions:
         progress: draw a progress bar (tqdm) on stderr.
     """
 
-    batch_size: int = 32
+    batch_size: int = 8
     decode_workers: int = max(1, os.cpu_count() or 1)
     limits: DecodeLimits = field(default_factory=DecodeLimits.default)
     session_config: SessionConfig = SessionConfig()

@@ -192,14 +192,20 @@ class Settings(BaseSettings):
 
     def core_threads(self) -> int:
         """onnxruntime intra-op threads of one in-process core: ``intra_op_threads`` when set,
-        else the usable cores shared out among the API workers (at least 1), so two workers
-        on two cores run one thread each instead of four on two cores.
+        else twice each API worker's share of the usable cores, at most all of them
+        (``min(cores, max(1, 2 * cores // workers))``): a lone request's batch runs on two
+        cores while the other worker idles, and under load the sessions share the cores 2:1
+        (idle onnxruntime threads do not spin, ``ort_allow_spinning``).
 
-        Measured (``python -m bench.configs``, 2 cores, default model, one photo per request,
-        c=32; README "Performance"): 1 worker x 2 threads 113.9 images/s, 2 x 1 115.8-153.8
-        (5 runs), 2 x 2 141.5.
+        Measured (``python -m bench.configs "t1_a:" "t2_a:INTRA_OP_THREADS=2" ...``, three
+        alternations, 2 cores, 2 API workers, default model, one photo per request; README
+        "Performance"): 1 thread per session c=1 p50 15.9-16.2 ms, c=32 105-134 images/s;
+        2 threads c=1 13.8-15.5 ms, c=32 137-145 images/s.
         """
-        return self.intra_op_threads or max(1, usable_cores() // self.api_worker_count)
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        cores = usable_cores()
+        return min(cores, max(1, 2 * cores // self.api_worker_count))
 
     @field_validator("model_name")
     @classmethod

@@ -237,3 +237,20 @@ def test_model_names_cannot_leave_the_repository(published, tmp_path):
         with pytest.raises(ValueError):
             Settings(model_name=bad)
     assert repository.check_name("ants-bees") == "ants-bees"
+
+
+@pytest.mark.parametrize("cores,workers,threads,expected", [
+    (2, 0, 0, 2),    # the default here: 2 workers x 2 threads
+    (2, 1, 0, 2),
+    (16, 0, 0, 2),   # 16 workers: 2 threads each, 2:1 over the cores
+    (16, 4, 0, 8),
+    (1, 0, 0, 1),
+    (8, 3, 0, 5),
+    (2, 2, 1, 1),    # set explicitly: kept
+])
+def test_core_threads_share_the_cores(monkeypatch, cores, workers, threads, expected):
+    import cnn_codes.settings as settings_module
+
+    monkeypatch.setattr(settings_module, "usable_cores", lambda: cores)
+    settings = Settings(api_workers=workers, intra_op_threads=threads)
+    assert settings.core_threads() == expected

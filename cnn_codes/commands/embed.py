@@ -53,10 +53,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="stored value type (float16 halves the files)")
     p.add_argument("--shard-size", type=positive_int, default=1024, help="images per part file")
-    p.add_argument("--batch-size", type=positive_int, default=32,
-                   help="images per onnxruntime run")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="images per onnxruntime run (8: the CPU's best, README 'Batch "
+                        "embedding jobs'; larger for a GPU)")
     p.add_argument("--decode-workers", type=int, default=0,
-                   help="decoding threads per process, 0 = one per core")
+                   help="pipeline threads per process (each decodes a batch, then runs it "
+                        "through onnxruntime), 0 = one per core")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="ray: Ray Data map_batches over parts, one model per actor")
     p.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
