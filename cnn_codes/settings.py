@@ -66,6 +66,11 @@ class Settings(BaseSettings):
             session and batcher in every API worker, :class:`service.core.LocalCore`) or
             ``encoder`` (one separate Encoder worker process with BentoML's batching,
             :mod:`service.encoder`). See README "Performance" for the figures.
+        access_log: BentoML's access log, one INFO line per HTTP request (off by default: the
+            per-route counts and latencies are in ``/metrics``; see README "Performance").
+        trace_requests: OpenTelemetry spans (BentoML's tracing) for the image routes
+            ``/classify``, ``/embed``, ``/search`` and ``/v2/.../infer``; off excludes them
+            (BentoML's ``tracing.excluded_urls``), other routes keep their spans.
         http_front: who answers ``POST /classify`` and ``/embed`` over HTTP: ``in_memory``
             (the body parsed in memory and sent straight to the pipeline,
             :mod:`service.front`) or ``bentoml`` (BentoML's own routes: temp-file uploads,
@@ -154,6 +159,8 @@ class Settings(BaseSettings):
     api_workers: int = Field(default=0, ge=0)
     batching: Literal["in_process", "encoder"] = "in_process"
     http_front: Literal["in_memory", "bentoml"] = "in_memory"
+    access_log: bool = False
+    trace_requests: bool = False
     max_images_per_request: int = Field(default=64, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     request_timeout_s: int = Field(default=60, ge=1)

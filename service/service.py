@@ -57,6 +57,8 @@ from service.served import ModelHolder, Reloader, canary  # noqa: E402
 
 logger = logging.getLogger("cnn_codes.service")
 RESPONSES = {"classify": classify_response, "embed": embed_response}  # the post stages
+#: excluded from tracing unless ``trace_requests`` (regular expressions, OpenTelemetry's form)
+TRACED_IMAGE_ROUTES = ("/classify", "/embed", "/search", "/v2/models/.*/infer")
 
 # Read once at import: BentoML's decorators below need the numbers when the class is defined.
 SETTINGS = Settings()
@@ -83,6 +85,10 @@ _routes = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]),
     # No BentoML max_concurrency: the Gateway bounds concurrency itself so its 429 can carry
     # Retry-After (BentoML's limiter sits outside user middleware and sends none).
     traffic={"timeout": SETTINGS.request_timeout_s},
+    # per-request access log lines and tracing spans of the image routes cost 15-20 % of
+    # throughput at c=32 (README "Performance"); both are settings, off by default
+    logging={"access": {"enabled": SETTINGS.access_log}},
+    tracing={} if SETTINGS.trace_requests else {"excluded_urls": list(TRACED_IMAGE_ROUTES)},
 )
 class CNNCodes:
     """HTTP API: ``/classify``, ``/embed``, ``/search``, ``GET /metadata``, the page at ``/``
