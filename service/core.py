@@ -118,7 +118,7 @@ class LocalCore:
 
     def __init__(self, published: PublishedModel, settings: Settings,
                  pending: Callable[[], int] = lambda: 0) -> None:
-        # the cores are shared out among the API workers (Settings.core_threads)
+        # intra-op threads per worker session: Settings.core_threads (2x each worker's core share)
         self.settings = settings.model_copy(update={"intra_op_threads": settings.core_threads()})
         self.session = open_core(published, self.settings)
         self.batcher = AdaptiveBatcher(
