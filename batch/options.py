@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cnn_codes.settings import usable_cores
 from models.decode import DecodeLimits
 from models.runtime import SessionConfig
 
@@ -32,7 +32,7 @@ class JobOptions:
     """
 
     batch_size: int = 8
-    decode_workers: int = max(1, os.cpu_count() or 1)
+    decode_workers: int = field(default_factory=usable_cores)
     limits: DecodeLimits = field(default_factory=DecodeLimits.default)
     session_config: SessionConfig = SessionConfig()
     engine: Engine = "local"

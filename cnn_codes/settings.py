@@ -49,7 +49,9 @@ class Settings(BaseSettings):
         host, port: HTTP bind address (loopback by default).
         providers: onnxruntime execution providers in order of preference.
         allow_cpu_fallback: a missing GPU provider is a warning instead of a start-up error.
-        intra_op_threads: onnxruntime intra-op threads; 0 = onnxruntime's default (all cores).
+        intra_op_threads: onnxruntime intra-op threads; 0 = the in-process core's
+            :meth:`core_threads`, one per pipeline thread in batch jobs
+            (:class:`batch.job.ShardEmbedder`), onnxruntime's default (all cores) elsewhere.
         inter_op_threads: onnxruntime inter-op threads; 0 = default.
         graph_optimization: onnxruntime graph optimisation level.
         optimized_model_dir: cache of optimised graphs (faster restarts); None = off.

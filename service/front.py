@@ -19,15 +19,21 @@ here instead:
   the shared post stage (:mod:`service.responses`), exactly as the BentoML route does
   (:meth:`service.service.CNNCodes.answer`).
 
-BentoML still serves the request around this: its middlewares (request metrics, tracing,
-access log, the request timeout) wrap the Gateway; the routes stay declared (OpenAPI,
+Read as BentoML reads them: text fields are JSON-decoded when they parse (:func:`field_value`,
+BentoML's own client JSON-encodes every field) and file names keep their last path component
+(:func:`client_name`). BentoML still serves the request around this: its middlewares
+(request metrics, tracing, access log, the request timeout) wrap the Gateway; its CORS
+middleware (off unless ``http.cors`` is configured) sits inside it and does not see these
+answers; the routes stay declared (OpenAPI,
 ``bentoml build``, BentoML's clients) and ``/search`` and every other route are BentoML's.
 Measured before it was made the default: see README "Performance".
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Any, Callable, Protocol
 
 from pydantic import BaseModel, ValidationError, create_model
@@ -54,6 +60,31 @@ def _text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
+def client_name(name: str | None) -> str | None:
+    """The file name echoed to the client: its last path component, as BentoML keeps it
+    (``os.path.basename`` in ``_bentoml_sdk/validators.py``); None for none or empty.
+
+    Raises:
+        RequestError: ``bad_request`` when it is longer than
+            :data:`service.bentoml_compat.uploads.MAX_FILENAME_BYTES`.
+    """
+    if not name:
+        return None
+    base = os.path.basename(name)
+    check_filename(base)
+    return base or None
+
+
+def field_value(text: str) -> Any:
+    """A text field as BentoML's multipart serde reads it (``_bentoml_impl/serde.py``): its
+    JSON value when it parses (``"3"`` -> 3, ``"false"`` -> False, ``'"features"'`` ->
+    ``"features"``: BentoML's own HTTP client JSON-encodes every field), else the text."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+
+
 def parse_multipart(body: bytes, content_type: str) -> tuple[Files, dict[str, str]]:
     """A ``multipart/form-data`` body (RFC 7578), parsed in memory.
 
@@ -62,14 +93,13 @@ def parse_multipart(body: bytes, content_type: str) -> tuple[Files, dict[str, st
         content_type: the request's ``Content-Type`` with its ``boundary`` parameter.
 
     Returns:
-        ``(files, fields)``: ``(filename, bytes)`` of every part named ``images``, in body
-        order, and the last value of every other (text) part.
+        ``(files, fields)``: ``(filename as sent, bytes)`` of every part named ``images``, in
+        body order, and the last value of every other (text) part.
 
     Raises:
         RequestError: ``bad_request`` for a missing boundary, a malformed body, a part without
-            a name, an ``images`` part without a file name (a text value: BentoML would fetch
-            it as a URL, we never do), or a file name past
-            :data:`service.bentoml_compat.uploads.MAX_FILENAME_BYTES`.
+            a name, or an ``images`` part without a file name (a text value: BentoML would
+            fetch it as a URL, we never do).
     """
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
@@ -108,9 +138,7 @@ def parse_multipart(body: bytes, content_type: str) -> tuple[Files, dict[str, st
         if name == FILE_FIELD:
             if b"filename" not in options:
                 raise RequestError("bad_request", FILE_FIELD_REFUSED)
-            filename = _text(options[b"filename"])
-            check_filename(filename)
-            files.append((filename or None, data))
+            files.append((_text(options[b"filename"]), data))
         else:
             fields[name] = _text(data)
 
@@ -175,14 +203,15 @@ class HttpFront:
             CNNCodesError: ``no_images``, ``too_many_images`` (from the pipeline), ``internal``
                 (anything unexpected, logged); the Gateway answers them with their status.
         """
+        names = [client_name(name) for name, _ in files]
         try:
-            options = self._options[path].model_validate(fields).model_dump()
+            options = self._options[path].model_validate(
+                {key: field_value(value) for key, value in fields.items()}).model_dump()
         except ValidationError as exc:
             return validation_error_response(exc)
         try:
             model = await self._service().answer(
-                path.lstrip("/"), [data for _, data in files], [name for name, _ in files],
-                **options)
+                path.lstrip("/"), [data for _, data in files], names, **options)
         except CNNCodesError:
             raise
         except Exception:  # a bug or a dead inference core: logged, a JSON 500, worker goes on

@@ -39,7 +39,6 @@ from cnn_codes.settings import Settings
 from models.errors import CNNCodesError, RequestError
 from service.auth import check_api_key
 from service.bentoml_compat import READINESS_PATHS, bounded_readiness
-from service.bentoml_compat.uploads import check_filename
 from service.front import FRONT_PATHS, HttpFront, parse_multipart
 from service.page import PAGE_PATHS
 
@@ -81,8 +80,7 @@ def parse_json_images(body: bytes) -> tuple[list[tuple[str | None, bytes]], dict
     key as text (a JSON value other than a string is its JSON text).
 
     Raises:
-        RequestError: ``bad_request`` naming what is wrong (not JSON, no images, bad base64,
-            a file name past :data:`service.bentoml_compat.uploads.MAX_FILENAME_BYTES`).
+        RequestError: ``bad_request`` naming what is wrong (not JSON, no images, bad base64).
     """
     try:
         document = json.loads(body)
@@ -101,8 +99,6 @@ def parse_json_images(body: bytes) -> tuple[list[tuple[str | None, bytes]], dict
         except (binascii.Error, ValueError):
             raise RequestError("bad_request", f"images[{index}].b64 is not valid base64") from None
         filename = item.get("filename")
-        if isinstance(filename, str):
-            check_filename(filename)
         files.append((filename if isinstance(filename, str) else f"images[{index}]", data))
     try:
         options = {k: _field_text(v) for k, v in document.items() if k != "images"}

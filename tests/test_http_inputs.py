@@ -289,7 +289,8 @@ def test_overload_answers_429_with_retry_after(api, data_dir):
 
 def _front_requests(data_dir: Path) -> list[tuple[str, str, dict]]:
     """(name, route, httpx.post keyword arguments): the request kinds both fronts must answer
-    alike: every input form, options, per-image errors and whole-request refusals."""
+    alike: every input form, options (as curl and BentoML's own client send them), file names
+    with a directory, per-image errors and whole-request refusals."""
     kinds = {name: data for name, data, _ in cases(data_dir)}
     jpeg, bad = kinds["photo.jpg"], kinds["truncated.jpg"]
     b64 = base64.b64encode(jpeg).decode()
@@ -303,10 +304,17 @@ def _front_requests(data_dir: Path) -> list[tuple[str, str, dict]]:
         ("classify", "/classify", {"files": [("images", ("a.png", kinds["photo.png"])),
                                              ("images", ("zero.jpg", b""))],
                                    "data": {"top_k": "1"}}),
-        ("json", "/embed", {"json": {"images": [{"b64": b64, "filename": "x.jpg"}, {"b64": b64}],
+        ("json", "/embed", {"json": {"images": [{"b64": b64, "filename": "x.jpg"}, {"b64": b64},
+                                                {"b64": b64, "filename": "sub/y.jpg"}],
                                      "normalize": False}}),
         ("raw", "/classify", {"content": jpeg, "params": {"top_k": "2"},
                               "headers": {"Content-Type": "image/jpeg"}}),
+        # BentoML's own HTTP client JSON-encodes every field (its serde json.loads them back)
+        ("json_encoded_fields", "/embed", {"files": [("images", ("dir/a.jpg", jpeg))],
+                                           "data": {"layer": '"features"', "normalize": "false",
+                                                    "dtype": '"float16"'}}),
+        ("bool_top_k", "/classify", {"files": [("images", ("a.jpg", jpeg))],
+                                     "data": {"top_k": "true"}}),
         ("bad_top_k", "/classify", {"files": [("images", ("a.jpg", jpeg))],
                                     "data": {"top_k": "0"}}),
         ("bad_layer", "/embed", {"files": [("images", ("a.jpg", jpeg))],

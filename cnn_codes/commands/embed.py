@@ -6,12 +6,11 @@ Exit statuses: see :data:`EXIT_STATUSES` (also the command's ``--help``).
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cnn_codes.commands._common import positive_int, report_error
-from cnn_codes.settings import Settings
+from cnn_codes.settings import Settings, usable_cores
 
 if TYPE_CHECKING:
     from batch.options import JobOptions
@@ -76,7 +75,7 @@ def job_options(args: argparse.Namespace, settings: Settings) -> "JobOptions":
     from models.runtime import SessionConfig
 
     return JobOptions(
-        batch_size=args.batch_size, decode_workers=args.decode_workers or (os.cpu_count() or 1),
+        batch_size=args.batch_size, decode_workers=args.decode_workers or usable_cores(),
         limits=DecodeLimits.from_settings(settings),
         session_config=SessionConfig.from_settings(settings), engine=args.engine,
         ray_address=args.ray_address, ray_actors=args.ray_actors,

@@ -48,7 +48,7 @@ def check_filename(name: str) -> None:
     Raises:
         RequestError: ``bad_request``.
     """
-    if len(name.encode("utf-8", "surrogateescape")) > MAX_FILENAME_BYTES:
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_FILENAME_BYTES:
         raise RequestError("bad_request", NAME_TOO_LONG)
 
 
