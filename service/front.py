@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 FRONT_PATHS = frozenset({"/classify", "/embed"})
 FILE_FIELD = "images"
 
-Files = list[tuple[str | None, bytes]]
+Files = list[tuple[str, bytes]]  # (file name as sent, encoded image)
 
 
 def _text(raw: bytes) -> str:

@@ -49,8 +49,7 @@ ADMIN_PREFIX = "/admin/"
 RAW_TYPES = ("image/", "application/octet-stream")
 
 
-def encode_multipart(files: list[tuple[str | None, bytes]],
-                     fields: dict[str, str]) -> tuple[bytes, str]:
+def encode_multipart(files: list[tuple[str, bytes]], fields: dict[str, str]) -> tuple[bytes, str]:
     """``multipart/form-data`` body (RFC 7578) with each file as a part named ``images``.
 
     Returns:
@@ -62,7 +61,7 @@ def encode_multipart(files: list[tuple[str | None, bytes]],
         chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
                       .encode() + value.encode() + b"\r\n")
     for filename, data in files:
-        safe = (filename or "").replace('"', "").replace("\r", "").replace("\n", "")
+        safe = filename.replace('"', "").replace("\r", "").replace("\n", "")
         chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="images"; '
                       f'filename="{safe}"\r\nContent-Type: application/octet-stream\r\n\r\n'
                       .encode() + data + b"\r\n")
@@ -74,7 +73,7 @@ def _field_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def parse_json_images(body: bytes) -> tuple[list[tuple[str | None, bytes]], dict[str, str]]:
+def parse_json_images(body: bytes) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
     """``{"images": [{"b64": ..., "filename"?: ...}], **options}`` -> ``(files, options)``:
     ``(filename, bytes)`` per image (filename ``images[i]`` when none is given) and every other
     key as text (a JSON value other than a string is its JSON text).
@@ -90,7 +89,7 @@ def parse_json_images(body: bytes) -> tuple[list[tuple[str | None, bytes]], dict
         raise RequestError("bad_request", f"the body is not valid JSON: {exc}") from None
     if not isinstance(document, dict) or not isinstance(document.get("images"), list):
         raise RequestError("bad_request", 'expected a JSON object {"images": [{"b64": "..."}], ...}')
-    files: list[tuple[str | None, bytes]] = []
+    files: list[tuple[str, bytes]] = []
     for index, item in enumerate(document["images"]):
         if not isinstance(item, dict) or not isinstance(item.get("b64"), str):
             raise RequestError("bad_request", f'images[{index}] must be an object {{"b64": "..."}}')
@@ -126,10 +125,16 @@ def _is_vector_query(body: bytes) -> bool:
     return isinstance(document, dict) and "vectors" in document and "images" not in document
 
 
+def parse_raw_image(body: bytes, query_string: bytes
+                    ) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
+    """A raw image body plus ``?option=value`` query parameters -> ``(files, options)``: one
+    file named ``body`` and the query's options as text."""
+    return [("body", body)], dict(parse_qsl(query_string.decode("latin-1")))
+
+
 def transcode_raw(body: bytes, query_string: bytes) -> tuple[bytes, str]:
-    """A raw image body plus ``?option=value`` query parameters -> multipart."""
-    options = dict(parse_qsl(query_string.decode("latin-1")))
-    return encode_multipart([("body", body)], options)
+    """:func:`parse_raw_image` re-encoded as multipart (for the BentoML route ``/search``)."""
+    return encode_multipart(*parse_raw_image(body, query_string))
 
 
 async def read_body(chunks: AsyncIterator[bytes], declared: str | None, limit: int) -> bytes:
@@ -277,8 +282,7 @@ class Gateway:
         elif media_type == "application/json":
             files, fields = parse_json_images(body)
         else:
-            files = [("body", body)]
-            fields = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+            files, fields = parse_raw_image(body, scope.get("query_string", b""))
         response = await self.front.answer(scope["path"], files, fields)
         await response(scope, receive, send)
 

@@ -20,8 +20,8 @@ Run with ``cnn-codes serve`` (or ``bentoml serve service.service:CNNCodes``); se
 
 import asyncio
 import logging
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any
 
 from cnn_codes.settings import Settings, apply_offline_env
