@@ -61,11 +61,10 @@ class ShardEmbedder:
     cores shared out among the pipelines (1 with one pipeline per core): onnxruntime's
     threads never fight the decoders for the cores. One instance per process (or Ray actor).
 
-    Why (``cnn-codes embed`` over 2,304 inputs of the sample photos, batch 8, 2 cores,
-    2026-12-01): the previous design, two decoding threads one batch ahead of an onnxruntime
-    session on both cores (four busy threads on two cores), ran 151-169 images/s; two
-    pipelines of one thread each ran 184-194 images/s in a prototype of this loop, and the job
-    itself: see README "Batch embedding jobs".
+    Why (``cnn-codes embed`` over 2,304 inputs of the sample photos, 2 cores, 2026-12-01; the
+    command is in README "Batch embedding jobs"): the previous design, two decoding threads one
+    batch ahead of an onnxruntime session on both cores (four busy threads on two cores), ran
+    151-169 images/s including start-up; this one 176-188 at batch 8.
 
     Attributes:
         model: the verified published model.
