@@ -1,13 +1,15 @@
 """Serving configurations side by side (not a test): which core, how many workers and threads.
 
 Each configuration is one ``cnn-codes serve`` of a published model with some ``CNN_CODES_*``
-settings, driven over loopback by the bench's closed-loop client (one photo per request to
-``/embed``, the sample photos' natural mix) at each concurrency; the servers run one at a time.
+settings, driven over loopback by the bench's closed-loop clients (one photo per request to
+HTTP ``/embed`` and/or gRPC ``ModelInfer`` on one channel, as ``make bench`` sends them, the
+sample photos' natural mix) at each concurrency; the servers run one at a time.
 
 usage (from the repository root, with a published model, e.g. after ``make model``)::
 
     .venv/bin/python -m bench.configs                       # the default set below
     .venv/bin/python -m bench.configs "name:KEY=V,KEY=V" ... # your own
+    .venv/bin/python -m bench.configs --protocols http,grpc ...
 
 Environment: ``REPOSITORY`` (default ``model_repository``), ``MODEL`` (default ``default``),
 ``CNN_CODES_SAMPLE_DATA``. Prints one line per cell and writes ``bench/results/configs.json`` (or ``--out``).
@@ -23,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench import grpcload
 from bench.contenders import embed_requests
 from bench.loadgen import run_cell
 from bench.machine import machine_info
@@ -59,13 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--protocols", default="http", help="http, grpc or http,grpc")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     photos = load_photos(Path(os.environ.get("CNN_CODES_SAMPLE_DATA", DEFAULT_DATA)))
-    requests = embed_requests(photos)
     repository = Path(os.environ.get("REPOSITORY", "model_repository"))
     model = os.environ.get("MODEL", "default")
+    protocols = args.protocols.split(",")
+    requests = {"http": embed_requests(photos)}
+    if "grpc" in protocols:
+        requests["grpc"] = grpcload.infer_requests(photos, model)
     results = {"machine": machine_info(), "model": model, "configs": {}}
     for config in args.configs:
         name, env = parse(config)
@@ -73,13 +80,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             server.wait_ready(300)
             cells = []
-            for c in map(int, args.concurrency.split(",")):
-                cell = run_cell(server.url, requests, c, warmup_s=args.warmup,
-                                duration_s=args.duration)
-                cells.append(cell.as_dict())
-                print(f"{name:16s} c={c:<3d} {cell.images_per_s:7.1f} images/s  p50 "
-                      f"{cell.latency_ms['p50']:6.1f} ms  p99 {cell.latency_ms['p99']:6.1f} ms"
-                      f"  errors {cell.errors}", flush=True)
+            for protocol in protocols:
+                for c in map(int, args.concurrency.split(",")):
+                    if protocol == "grpc":
+                        cell = grpcload.run_cell(server.grpc_url, requests["grpc"], c,
+                                                 warmup_s=args.warmup, duration_s=args.duration)
+                    else:
+                        cell = run_cell(server.url, requests["http"], c, warmup_s=args.warmup,
+                                        duration_s=args.duration)
+                    cells.append({"protocol": protocol, **cell.as_dict()})
+                    print(f"{name:16s} {protocol:4s} c={c:<3d} {cell.images_per_s:7.1f} images/s"
+                          f"  p50 {cell.latency_ms['p50']:6.1f} ms  p99 "
+                          f"{cell.latency_ms['p99']:6.1f} ms  errors {cell.errors}", flush=True)
         finally:
             server.stop()
         results["configs"][name] = {"env": env, "cells": cells}

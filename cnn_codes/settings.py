@@ -61,6 +61,8 @@ class Settings(BaseSettings):
             ``max_concurrency`` answering 429, not by 503s).
         max_batch_wait_ms: the longest adaptive batching holds a request, ms, to let its batch
             grow (a cap on what BentoML's dispatcher learns; see :mod:`service.batching`).
+        batch_runs: batches in flight at once on one in-process core's session (its adaptive
+            batcher's run slots, :class:`service.batcher.AdaptiveBatcher`; figures there).
         max_concurrency: concurrent requests per API worker; more get 429 + Retry-After.
         api_workers: API service worker processes; 0 = one per usable core (with the default
             in-process core every worker is one decode + batch + onnxruntime pipeline).
@@ -157,6 +159,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=32, ge=1)
     max_latency_ms: int = Field(default=30_000, ge=1)
     max_batch_wait_ms: float = Field(default=5.0, ge=0)
+    batch_runs: int = Field(default=2, ge=1)
     max_concurrency: int = Field(default=64, ge=1)
     api_workers: int = Field(default=0, ge=0)
     batching: Literal["in_process", "encoder"] = "in_process"

@@ -1,13 +1,23 @@
 """Adaptive batching inside the API worker: concurrent callers' images, one model run per batch.
 
 Callers ``await submit(images)`` with ``(n, S, S, 3)`` uint8 arrays; one runner task takes what
-is queued, up to ``max_batch_size`` images, runs it on a single dedicated thread (onnxruntime
-releases the GIL, so decoding in other threads goes on meanwhile) and hands each caller its own
-rows. While a batch runs, new requests queue and form the next batch, as in Triton's dynamic
-batcher with no queue delay (https://docs.nvidia.com/deeplearning/triton-inference-server/
-user-guide/docs/user_guide/model_configuration.html#dynamic-batcher). The runner waits for more
-(at most ``max_wait_s``) only when the pipeline says images are being decoded right now and will
-arrive shortly (``pending()``), so a lone request at concurrency 1 never waits.
+is queued, up to ``max_batch_size`` images, runs it on a dedicated thread (onnxruntime releases
+the GIL, so decoding in other threads goes on meanwhile) and hands each caller its own rows. Up
+to ``runs`` batches run at once on one session (``InferenceSession.run`` is thread-safe), like
+the ``count`` of a Triton ``instance_group`` without a second copy of the weights; while every
+run slot is busy, new requests queue and form the next batch, as in Triton's dynamic batcher
+with no queue delay (https://docs.nvidia.com/deeplearning/triton-inference-server/user-guide/
+docs/user_guide/model_configuration.html#dynamic-batcher). The runner waits for more (at most
+``max_wait_s``) only when the pipeline says images are being decoded right now and will arrive
+shortly (``pending()``), so a lone request at concurrency 1 never waits.
+
+Why two runs by default (``Settings.batch_runs``): one run of MobileNetV3-Large on 2 intra-op
+threads leaves a core idle between its many small operators; a second batch in flight fills
+those gaps. Measured with ``python -m bench.configs "r1:" "r2:BATCH_RUNS=2" ... --protocols
+grpc,http --concurrency 1,32 --duration 10`` (README "Performance"): gRPC at c=32 (one
+channel, so one API worker) 113-158 -> 142-159 images/s over five alternations, HTTP unchanged
+within this machine's noise, c=1 unchanged; the price is the tail (gRPC p99 at c=32 about 323
+-> 379 ms), since a batch now shares the cores with the one beside it.
 
 Why not BentoML's own dispatcher: it lives in a separate Encoder process behind an aiohttp call
 with pickle-5 bodies (see ``service.encoder``); measured on 2 cores (``make bench``, README
@@ -38,22 +48,30 @@ class _Job:
 
 
 class AdaptiveBatcher:
-    """Forms batches from concurrent :meth:`submit` calls and runs them one at a time.
+    """Forms batches from concurrent :meth:`submit` calls and runs up to ``runs`` at a time.
 
     Args:
-        run: ``(B, S, S, 3)`` uint8 -> ``(B, F)`` float32, called on the batcher's own thread
-            (read the model reference inside it, so a hot reload applies from the next batch).
+        run: ``(B, S, S, 3)`` uint8 -> ``(B, F)`` float32, called on one of the batcher's own
+            ``runs`` threads, possibly on two at once (so it must be thread-safe, as
+            onnxruntime's ``InferenceSession.run`` is; read the model reference inside it, so a
+            hot reload applies from the next batch).
         max_batch_size: most images per run; a submit of more is split by the caller.
         max_wait_s: longest a batch waits for images still being decoded, seconds.
+        runs: batches in flight at once (>= 1).
         pending: how many images are being decoded right now (will be submitted soon).
         observe: called with ``(batch_size, seconds)`` after every run (metrics).
+
+    Raises:
+        ValueError: ``max_batch_size`` or ``runs`` below 1.
     """
 
-    def __init__(self, run: RunFn, *, max_batch_size: int, max_wait_s: float,
+    def __init__(self, run: RunFn, *, max_batch_size: int, max_wait_s: float, runs: int = 1,
                  pending: Callable[[], int] = lambda: 0,
                  observe: Callable[[int, float], None] = lambda n, s: None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if runs < 1:
+            raise ValueError(f"runs must be >= 1, got {runs}")
         self._run = run
         self.max_batch_size = max_batch_size
         self.max_wait_s = max(0.0, max_wait_s)
@@ -62,7 +80,9 @@ class AdaptiveBatcher:
         self._queue: deque[_Job] = deque()
         self._wake: asyncio.Event | None = None
         self._runner: asyncio.Task | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
+        self.runs = runs
+        self._slots: asyncio.Semaphore | None = None
+        self._threads = ThreadPoolExecutor(max_workers=runs, thread_name_prefix="batcher")
 
     async def submit(self, images: np.ndarray) -> np.ndarray:
         """Run ``images`` ``(n, S, S, 3)`` uint8 (``1 <= n <= max_batch_size``) in the next
@@ -77,6 +97,7 @@ class AdaptiveBatcher:
         loop = asyncio.get_running_loop()
         if self._runner is None or self._runner.done():
             self._wake = asyncio.Event()
+            self._slots = asyncio.Semaphore(self.runs)
             self._runner = loop.create_task(self._serve(), name="adaptive-batcher")
         job = _Job(images, loop.create_future())
         self._queue.append(job)
@@ -119,24 +140,35 @@ class AdaptiveBatcher:
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
+        runs: set[asyncio.Task] = set()
         while True:
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            await self._slots.acquire()  # while every run slot is busy, the queue grows
             jobs = await self._gather()
             if not jobs:
+                self._slots.release()
                 continue
+            run = loop.create_task(self._run_batch(jobs))
+            runs.add(run)  # a strong reference until it is done
+            run.add_done_callback(runs.discard)
+
+    async def _run_batch(self, jobs: list[_Job]) -> None:
+        """Run one batch on a free thread and hand each caller its rows; frees its slot."""
+        loop = asyncio.get_running_loop()
+        try:
             batch = (jobs[0].images if len(jobs) == 1
                      else np.concatenate([j.images for j in jobs]))
             started = loop.time()
             try:
-                out = await loop.run_in_executor(self._thread, self._run, batch)
+                out = await loop.run_in_executor(self._threads, self._run, batch)
             except Exception as exc:  # every caller of this batch gets the failure
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(exc)
-                continue
+                return
             self._observe(len(batch), loop.time() - started)
             offset = 0
             for job in jobs:
@@ -144,9 +176,11 @@ class AdaptiveBatcher:
                 if not job.future.done():
                     job.future.set_result(out[offset:offset + n])
                 offset += n
+        finally:
+            self._slots.release()
 
     def close(self) -> None:
         """Stop the runner and its thread (batches in flight finish first)."""
         if self._runner is not None:
             self._runner.cancel()
-        self._thread.shutdown(wait=True)
+        self._threads.shutdown(wait=True)

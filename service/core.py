@@ -124,7 +124,8 @@ class LocalCore:
         self.batcher = AdaptiveBatcher(
             lambda batch: self.session.run(batch),  # one reference read per batch
             max_batch_size=settings.max_batch_size,
-            max_wait_s=settings.max_batch_wait_ms / 1000, pending=pending,
+            max_wait_s=settings.max_batch_wait_ms / 1000, runs=settings.batch_runs,
+            pending=pending,
             observe=observe_batch)
         self._lock = asyncio.Lock()
 

@@ -163,3 +163,43 @@ def test_local_core_encodes_like_onnxruntime_and_refuses_a_bad_reload(published,
     assert ref == {"name": published["name"], "version": published["version"]}
     assert refused["ok"] is False and refused["error"]
     assert core.session.card.version == published["version"]  # still serving
+def test_two_runs_overlap_and_the_queue_grows_into_bigger_batches_meanwhile():
+    """``runs=2``: two batches run at once (a barrier of two would time out otherwise);
+    while both run slots are busy, later callers queue and form one bigger batch."""
+    barrier = threading.Barrier(2, timeout=2.0)
+    seen: list[int] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        seen.append(len(batch))
+        if len(seen) <= 2:
+            barrier.wait()  # the first two batches must be in flight together
+        return batch.reshape(len(batch), -1).mean(axis=1, keepdims=True).astype(np.float32)
+
+    async def main(batcher: AdaptiveBatcher) -> list[np.ndarray]:
+        first = []
+        for i in range(2):
+            first.append(asyncio.ensure_future(batcher.submit(images(1, i))))
+            await asyncio.sleep(0.1)  # this one's batch has started
+        # both runs are now blocked on the barrier, each with one image
+        later = [asyncio.ensure_future(batcher.submit(images(1, i))) for i in range(2, 6)]
+        return await asyncio.gather(*first, *later, return_exceptions=True)
+
+    batcher = AdaptiveBatcher(model, max_batch_size=8, max_wait_s=0.0, runs=2)
+    outs = asyncio.run(main(batcher))
+    batcher.close()
+    assert [o[0, 0] for o in outs] == [0, 1, 2, 3, 4, 5]
+    assert seen[:2] == [1, 1] and sorted(seen[2:]) == [4]  # the four late ones in one batch
+
+    barrier.reset()
+    seen.clear()
+    serial = AdaptiveBatcher(model, max_batch_size=1, max_wait_s=0.0, runs=1)
+
+    async def two() -> list:
+        return await asyncio.gather(serial.submit(images(1, 0)), serial.submit(images(1, 1)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(two())  # one run at a time: the barrier breaks
+    serial.close()
+    assert any(isinstance(r, threading.BrokenBarrierError) for r in results)
+    with pytest.raises(ValueError, match="runs"):
+        AdaptiveBatcher(model, max_batch_size=1, max_wait_s=0.0, runs=0)
