@@ -6,6 +6,7 @@ Torch-free: the service reads it. Lists are given as JSON in the environment, e.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -64,8 +65,9 @@ class Settings(BaseSettings):
         batch_runs: batches in flight at once on one in-process core's session (its adaptive
             batcher's run slots, :class:`service.batcher.AdaptiveBatcher`; figures there).
         max_concurrency: concurrent requests per API worker; more get 429 + Retry-After.
-        api_workers: API service worker processes; 0 = one per usable core (with the default
-            in-process core every worker is one decode + batch + onnxruntime pipeline).
+        api_workers: API service worker processes; 0 = one per 6 usable cores, rounded up
+            (:attr:`api_worker_count`; with the default in-process core every worker is one
+            decode + batch + onnxruntime pipeline).
         batching: where the inference core and its adaptive batching run: ``in_process`` (a
             session and batcher in every API worker, :class:`service.core.LocalCore`) or
             ``encoder`` (one separate Encoder worker process with BentoML's batching,
@@ -199,8 +201,22 @@ class Settings(BaseSettings):
 
     @property
     def api_worker_count(self) -> int:
-        """``api_workers``, with 0 resolved to the usable cores (CPU affinity)."""
-        return self.api_workers or usable_cores()
+        """``api_workers``, with 0 resolved to one worker per 6 usable cores (CPU affinity),
+        rounded up: one worker on this project's 2 cores.
+
+        Each API worker is one event loop (HTTP front, gRPC front, batcher), its decode threads
+        and one onnxruntime session. Measured on 2 cores (``python -m bench.configs
+        "w1:API_WORKERS=1" "w2:API_WORKERS=2" ... --protocols http,grpc --concurrency 8,32,64
+        --duration 10``, three alternations, README "Performance"): one worker serves as many
+        images/s as two (HTTP c=32 150.6-153.5 vs 146.0-149.3, gRPC 154.4-162.2 vs 141.0-154.9)
+        with half the p99 (HTTP c=32 357-379 ms vs 633-838 ms: one queue, where two workers
+        split the connections unevenly) and one session's memory instead of two. Its event
+        loop used 1.2-1.5 ms of CPU per image (``python -m bench.threadcpu --protocol http``
+        and ``grpc``, c=32) while a core carries about 87 images/s of decode + onnxruntime
+        (the shared-cores limit, 173.5 on 2 cores), i.e. 0.13 of a core of loop per core of
+        pipeline: one worker per 6 cores keeps each loop under 80 % of a core.
+        """
+        return self.api_workers or max(1, math.ceil(usable_cores() / 6))
 
     def core_threads(self) -> int:
         """onnxruntime intra-op threads of one in-process core: ``intra_op_threads`` when set,

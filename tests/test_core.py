@@ -240,17 +240,19 @@ def test_model_names_cannot_leave_the_repository(published, tmp_path):
 
 
 @pytest.mark.parametrize("cores,workers,threads,expected", [
-    (2, 0, 0, 2),    # the default here: 2 workers x 2 threads
-    (2, 1, 0, 2),
-    (16, 0, 0, 2),   # 16 workers: 2 threads each, 2:1 over the cores
+    (2, 0, 0, 2),    # the default here: 1 worker x 2 threads
+    (2, 2, 0, 2),    # 2 workers x 2 threads, 2:1 over the cores
+    (16, 0, 0, 10),  # 3 workers (one per 6 cores, rounded up): 10 threads each
     (16, 4, 0, 8),
     (1, 0, 0, 1),
     (8, 3, 0, 5),
     (2, 2, 1, 1),    # set explicitly: kept
 ])
 def test_core_threads_share_the_cores(monkeypatch, cores, workers, threads, expected):
+    """Intra-op threads per worker session, and the worker count they follow."""
     import cnn_codes.settings as settings_module
 
     monkeypatch.setattr(settings_module, "usable_cores", lambda: cores)
     settings = Settings(api_workers=workers, intra_op_threads=threads)
     assert settings.core_threads() == expected
+    assert settings.api_worker_count == (workers or -(-cores // 6))
