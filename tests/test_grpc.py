@@ -512,9 +512,9 @@ def test_http_and_grpc_requests_share_batches(oip, client, card, published, phot
     """While the core works through a queue of full batches (gRPC UINT8), one HTTP /embed
     image and one gRPC image arrive; a batch of exactly 2 can only hold one of each.
 
-    The two singles are sent once the first full batch has come back, so the Encoder is known
-    to be busy with the rest of the queue (BentoML runs one batch at a time per worker) for
-    however long this machine needs for ``blockers_n - 1`` full batches.
+    The two singles are sent once the first full batch has come back, so the core is known to
+    be busy with the rest of the queue (full batches, ``BATCH_RUNS`` at a time) for however
+    long this machine needs for ``blockers_n - 1`` of them.
     """
     blockers_n = 6
     batch_size = Settings.model_fields["max_batch_size"].default
