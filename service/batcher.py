@@ -52,7 +52,7 @@ class AdaptiveBatcher:
 
     Args:
         run: ``(B, S, S, 3)`` uint8 -> ``(B, F)`` float32, called on one of the batcher's own
-            ``runs`` threads, possibly on two at once (so it must be thread-safe, as
+            ``runs`` threads, on several at once when ``runs`` > 1 (so it must be thread-safe, as
             onnxruntime's ``InferenceSession.run`` is; read the model reference inside it, so a
             hot reload applies from the next batch).
         max_batch_size: most images per run; a submit of more is split by the caller.
@@ -151,11 +151,11 @@ class AdaptiveBatcher:
             if not jobs:
                 self._slots.release()
                 continue
-            run = loop.create_task(self._run_batch(jobs))
+            run = loop.create_task(self._run_batch(jobs, self._slots))
             runs.add(run)  # a strong reference until it is done
             run.add_done_callback(runs.discard)
 
-    async def _run_batch(self, jobs: list[_Job]) -> None:
+    async def _run_batch(self, jobs: list[_Job], slots: asyncio.Semaphore) -> None:
         """Run one batch on a free thread and hand each caller its rows; frees its slot."""
         loop = asyncio.get_running_loop()
         try:
@@ -177,10 +177,10 @@ class AdaptiveBatcher:
                     job.future.set_result(out[offset:offset + n])
                 offset += n
         finally:
-            self._slots.release()
+            slots.release()
 
     def close(self) -> None:
-        """Stop the runner and its thread (batches in flight finish first)."""
+        """Stop the runner and its threads (batches in flight finish first)."""
         if self._runner is not None:
             self._runner.cancel()
         self._threads.shutdown(wait=True)
