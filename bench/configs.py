@@ -24,12 +24,13 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 from bench import grpcload
 from bench.contenders import embed_requests
-from bench.loadgen import run_cell
+from bench.loadgen import CellResult, run_cell
 from bench.machine import machine_info
-from bench.photos import load_photos
+from bench.photos import Photo, load_photos
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import DEFAULT_DATA, Server  # noqa: E402  (the tests' harness: own home, free port)
@@ -45,14 +46,40 @@ DEFAULT_CONFIGS = [
 ]
 
 
+def settings_env(pairs: Iterable[str]) -> dict[str, str]:
+    """``["KEY=V", ...]`` -> ``{"CNN_CODES_KEY": "V", ...}`` (empty items skipped)."""
+    env = {}
+    for pair in filter(None, pairs):
+        key, _, value = pair.partition("=")
+        env[f"CNN_CODES_{key}"] = value
+    return env
+
+
 def parse(config: str) -> tuple[str, dict[str, str]]:
     """``"name:KEY=V,KEY=V"`` -> ``(name, {"CNN_CODES_KEY": "V"})``."""
     name, _, pairs = config.partition(":")
-    env = {}
-    for pair in filter(None, pairs.split(",")):
-        key, _, value = pair.partition("=")
-        env[f"CNN_CODES_{key}"] = value
-    return name, env
+    return name, settings_env(pairs.split(","))
+
+
+def protocol_requests(photos: Sequence[Photo], model: str, protocols: Iterable[str]
+                      ) -> dict[str, list[Any]]:
+    """One request per photo for each protocol: HTTP multipart ``/embed``, gRPC
+    ``ModelInfer`` of ``model`` (``BYTES [1]`` in, ``embedding`` out)."""
+    requests: dict[str, list[Any]] = {}
+    for protocol in protocols:
+        requests[protocol] = (grpcload.infer_requests(photos, model) if protocol == "grpc"
+                              else embed_requests(photos))
+    return requests
+
+
+def load_cell(server: Server, protocol: str, requests: Sequence[Any], concurrency: int, *,
+              warmup_s: float, duration_s: float) -> CellResult:
+    """One closed-loop cell against ``server``: gRPC on one channel, or HTTP."""
+    if protocol == "grpc":
+        return grpcload.run_cell(server.grpc_url, requests, concurrency, warmup_s=warmup_s,
+                                 duration_s=duration_s)
+    return run_cell(server.url, requests, concurrency, warmup_s=warmup_s,
+                    duration_s=duration_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     repository = Path(os.environ.get("REPOSITORY", "model_repository"))
     model = os.environ.get("MODEL", "default")
     protocols = args.protocols.split(",")
-    requests = {"http": embed_requests(photos)}
-    if "grpc" in protocols:
-        requests["grpc"] = grpcload.infer_requests(photos, model)
+    requests = protocol_requests(photos, model, protocols)
     results = {"machine": machine_info(), "model": model, "configs": {}}
     for config in args.configs:
         name, env = parse(config)
@@ -82,12 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             cells = []
             for protocol in protocols:
                 for c in map(int, args.concurrency.split(",")):
-                    if protocol == "grpc":
-                        cell = grpcload.run_cell(server.grpc_url, requests["grpc"], c,
-                                                 warmup_s=args.warmup, duration_s=args.duration)
-                    else:
-                        cell = run_cell(server.url, requests["http"], c, warmup_s=args.warmup,
-                                        duration_s=args.duration)
+                    cell = load_cell(server, protocol, requests[protocol], c,
+                                     warmup_s=args.warmup, duration_s=args.duration)
                     cells.append({"protocol": protocol, **cell.as_dict()})
                     print(f"{name:16s} {protocol:4s} c={c:<3d} {cell.images_per_s:7.1f} images/s"
                           f"  p50 {cell.latency_ms['p50']:6.1f} ms  p99 "

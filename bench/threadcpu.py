@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -35,14 +34,9 @@ from pathlib import Path
 
 import psutil
 
-from bench import grpcload
-from bench.contenders import embed_requests
-from bench.loadgen import run_cell
+from bench.configs import DEFAULT_DATA, Server, load_cell, protocol_requests, settings_env
 from bench.photos import load_photos
 from bench.profiling import py_spy_path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import DEFAULT_DATA, Server  # noqa: E402  (the tests' harness: own home, free port)
 
 logger = logging.getLogger("bench.threadcpu")
 _THREAD = re.compile(r'^Thread (\d+) \(\w+\): "([^"]+)"', re.M)
@@ -97,22 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     photos = load_photos(Path(os.environ.get("CNN_CODES_SAMPLE_DATA", DEFAULT_DATA)))
     repository = Path(os.environ.get("REPOSITORY", "model_repository"))
     model = os.environ.get("MODEL", "default")
-    env = {f"CNN_CODES_{k}": v for k, _, v in (e.partition("=") for e in args.env)}
+    env = settings_env(args.env)
     server = Server(repository, model, Path(tempfile.mkdtemp(prefix="cnn-codes-cpu-")), **env)
     try:
         server.wait_ready(300)
-        if args.protocol == "grpc":
-            requests = grpcload.infer_requests(photos, model)
+        requests = protocol_requests(photos, model, [args.protocol])[args.protocol]
 
-            def load(seconds: float, warmup: float):
-                return grpcload.run_cell(server.grpc_url, requests, args.concurrency,
-                                         warmup_s=warmup, duration_s=seconds)
-        else:
-            requests = embed_requests(photos)
+        def load(seconds: float, warmup: float):
+            return load_cell(server, args.protocol, requests, args.concurrency,
+                             warmup_s=warmup, duration_s=seconds)
 
-            def load(seconds: float, warmup: float):
-                return run_cell(server.url, requests, args.concurrency, warmup_s=warmup,
-                                duration_s=seconds)
         load(2.0, 1.0)  # warm: sessions, threads and connections exist
         root = server.proc.pid
         names = python_thread_names([root, *(p.pid for p in

@@ -140,7 +140,7 @@ class AdaptiveBatcher:
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
-        runs: set[asyncio.Task] = set()
+        in_flight: set[asyncio.Task] = set()
         while True:
             if not self._queue:
                 self._wake.clear()
@@ -152,8 +152,8 @@ class AdaptiveBatcher:
                 self._slots.release()
                 continue
             run = loop.create_task(self._run_batch(jobs, self._slots))
-            runs.add(run)  # a strong reference until it is done
-            run.add_done_callback(runs.discard)
+            in_flight.add(run)  # a strong reference until it is done
+            run.add_done_callback(in_flight.discard)
 
     async def _run_batch(self, jobs: list[_Job], slots: asyncio.Semaphore) -> None:
         """Run one batch on a free thread and hand each caller its rows; frees its slot."""
