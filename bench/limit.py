@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import statistics
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -156,3 +157,41 @@ def pipeline_limit(onnx_rows: list[dict[str, Any]], decode: dict[str, Any]) -> d
         "decode_all_cores_images_per_s": dec,
         "shared_cores_images_per_s": round(1.0 / (1.0 / onnx_best + 1.0 / dec), 1),
     }
+
+
+def probe(repository: Path, name: str, version: int, photos: Sequence[Photo],
+          arrays: np.ndarray, spec: PreprocessSpec, *, batch: int, seconds: float,
+          processes: int) -> dict[str, Any]:
+    """The limit measured again, briefly, right beside a group of the service's cells.
+
+    This machine's speed moves by a quarter within minutes (three ``make bench`` runs on
+    2026-12-01 measured onnxruntime batch 8 alone at 231.9, 201.7 and 268.7 images/s), so a
+    ratio against a limit taken once at the start of the run mixes our speed with the moment.
+    ``bench.systems.measure`` calls this before the first concurrency level and after every
+    level, with our server up and idle; each level's cells are then set against the mean of
+    the probe before and the probe after them (:mod:`bench.report`).
+
+    Args:
+        repository, name, version: the published model (the service's session options).
+        photos: the sample photos (decode: the natural mix, one core and ``processes``).
+        arrays: ``(M, S, S, 3)`` uint8 preprocessed photos (onnxruntime input).
+        batch: the batch size that was fastest in the start-of-run limit (only that one and
+            batch 1 are measured, so the best of several noisy figures is not picked again).
+        seconds: measuring time per figure.
+        processes: decode processes for the all-cores figure.
+
+    Returns:
+        ``{"at": ISO time, "onnxruntime": [rows of batch 1 and batch], "decode": {...},
+        "shared_cores_images_per_s", "c1_alone_ms"}``, the last being decode (mean, one core)
+        + onnxruntime batch 1 (p50), ms: the c=1 latency target's denominator.
+    """
+    sizes = (1,) if batch == 1 else (1, batch)
+    onnx_rows = onnx_throughput(repository, repository, name, version, arrays, sizes,
+                                seconds=seconds)
+    decode = decode_throughput(photos, spec, seconds=seconds, processes=processes)
+    pipe = pipeline_limit([r for r in onnx_rows if r["batch"] == batch], decode)
+    return {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "onnxruntime": onnx_rows, "decode": decode,
+            "shared_cores_images_per_s": pipe["shared_cores_images_per_s"],
+            "c1_alone_ms": round(onnx_rows[0]["ms_per_batch_p50"]
+                                 + decode["ms_per_image_mean"], 2)}

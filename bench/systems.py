@@ -106,9 +106,15 @@ def _pause_until_idle(seconds: float = 2.0) -> None:
     time.sleep(seconds)
 
 
-def measure(system: System, plan: Plan, work_dir: Path) -> dict[str, Any]:
+def measure(system: System, plan: Plan, work_dir: Path,
+            probe: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Start ``system``, run every cell, stop it (always). Never raises for a server failure:
-    the failure is returned as ``{"status": "failed", "reason": ...}``."""
+    the failure is returned as ``{"status": "failed", "reason": ...}``.
+
+    ``probe`` (the limit measured again, :func:`bench.limit.probe`) runs with the server up
+    and idle before the first concurrency level and after every level; its results are
+    ``limit_beside`` (one more entry than levels), so each level's cells have a limit
+    measured minutes, not a quarter of an hour, from them."""
     result: dict[str, Any] = {"key": system.key, "title": system.title, "status": "ok",
                               "notes": system.notes, "endpoints": {}}
     try:
@@ -132,6 +138,8 @@ def measure(system: System, plan: Plan, work_dir: Path) -> dict[str, Any]:
                     live.append(endpoint)
                     result["endpoints"][endpoint.label] = {"status": "ok", "cells": [],
                                                            "protocol": endpoint.protocol}
+            if probe is not None:
+                result["limit_beside"] = [_probe(probe)]
             # Ramp up: every endpoint at c=1, then every endpoint at c=8, ... so no cell follows
             # a heavier one (adaptive batching remembers recent queueing; see after_burst).
             for concurrency in plan.concurrency:
@@ -139,6 +147,8 @@ def measure(system: System, plan: Plan, work_dir: Path) -> dict[str, Any]:
                     cell = _measured_cell(system, endpoint, concurrency, plan)
                     result["endpoints"][endpoint.label]["cells"].append(cell)
                     _pause_until_idle()
+                if probe is not None:
+                    result["limit_beside"].append(_probe(probe))
             if live and plan.after_burst:
                 # The same c=1 cell right after the heaviest one: the latency a lone client
                 # sees just after a burst.
@@ -156,6 +166,15 @@ def measure(system: System, plan: Plan, work_dir: Path) -> dict[str, Any]:
     finally:
         system.server.stop()
     return result
+
+
+def _probe(probe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One limit probe; a failed one is recorded, not raised (the cells keep their numbers)."""
+    try:
+        return {"status": "ok", **probe()}
+    except Exception as exc:
+        logger.exception("limit probe failed")
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:1000]}
 
 
 def _measured_cell(system: System, endpoint: Endpoint, concurrency: int, plan: Plan
