@@ -8,7 +8,9 @@ HTTP routes and the Open Inference Protocol front (gRPC and ``/v2``) both call
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
@@ -66,7 +68,9 @@ class InferencePipeline:
     Args:
         holder: the worker's model holder (:class:`service.served.ModelHolder`); the card is
             read once per request.
-        settings: limits (images per request, pixels, bytes) and ``max_batch_size``.
+        settings: limits (images per request, pixels, bytes), ``max_batch_size`` and
+            ``decode_thread_count`` (the pipeline's own decode threads: a request's images are
+            decoded on one of them).
         encode: async call into the Encoder: ``(n, S, S, 3)`` uint8 -> ``(n, K+D+C)`` float32,
             with ``n <= settings.max_batch_size``.
     """
@@ -77,6 +81,8 @@ class InferencePipeline:
         self.limits = DecodeLimits.from_settings(settings)
         self._encode = encode
         self.decoding = 0  # images being decoded now (the in-process batcher waits for them)
+        self._decoders = ThreadPoolExecutor(settings.decode_thread_count,
+                                            thread_name_prefix="decode")
 
     @property
     def card(self) -> ModelCard:
@@ -135,13 +141,18 @@ class InferencePipeline:
         metrics.REQUEST_IMAGES.labels(endpoint=endpoint).observe(len(payloads))
         self.decoding += len(payloads)
         try:
-            decoded = await asyncio.to_thread(decode_batch, payloads, card.preprocessing,
-                                              self.limits, observe=_observe_decode)
+            decoded = await asyncio.get_running_loop().run_in_executor(
+                self._decoders, functools.partial(decode_batch, payloads, card.preprocessing,
+                                                  self.limits, observe=_observe_decode))
         finally:
             self.decoding -= len(payloads)
         outputs = await self.encode_arrays(decoded.arrays, card) if decoded.positions else None
         self.count(endpoint, protocol, ok=len(decoded.positions), failed=len(decoded.errors))
         return PipelineResult(card=card, decoded=decoded, outputs=outputs)
+
+    def close(self) -> None:
+        """Stop the decode threads (decodes in progress finish first)."""
+        self._decoders.shutdown(wait=True)
 
     @staticmethod
     def count(endpoint: str, protocol: str, *, ok: int, failed: int) -> None:

@@ -256,3 +256,63 @@ def test_core_threads_share_the_cores(monkeypatch, cores, workers, threads, expe
     settings = Settings(api_workers=workers, intra_op_threads=threads)
     assert settings.core_threads() == expected
     assert settings.api_worker_count == (workers or -(-cores // 6))
+
+
+@pytest.mark.parametrize("cores,workers,decode_threads,expected", [
+    (2, 0, 0, 2),    # the default here: 1 worker decoding on 2 threads
+    (2, 2, 0, 1),
+    (16, 0, 0, 5),   # 3 workers
+    (1, 0, 0, 1),
+    (2, 0, 6, 6),    # set explicitly: kept
+])
+def test_decode_threads_follow_the_worker_share(monkeypatch, cores, workers, decode_threads,
+                                                expected):
+    """Decode threads per API worker: its share of the usable cores unless set."""
+    import cnn_codes.settings as settings_module
+
+    monkeypatch.setattr(settings_module, "usable_cores", lambda: cores)
+    settings = Settings(api_workers=workers, decode_threads=decode_threads)
+    assert settings.decode_thread_count == expected
+
+
+def test_pipeline_decodes_on_its_own_bounded_threads(published, data_dir, monkeypatch):
+    """``decode_threads`` bounds how many photos a worker decodes at once: 12 concurrent
+    requests are decoded on at most 2 threads of the pipeline's own (named ``decode_N``), each
+    request still gets its own row, and ``close`` stops them."""
+    import threading
+
+    import service.pipeline as pipeline_module
+    from models.card import OUTPUT_NAMES, ModelCard
+    from service.served import ModelHolder
+
+    card = ModelCard.model_validate_json((published["path"] / "model_card.json").read_text())
+    width = sum(card.dim(name) for name in OUTPUT_NAMES)
+    decoded_on: set[str] = set()
+
+    def spying_decode(*args, **kwargs):
+        decoded_on.add(threading.current_thread().name)
+        return decode_batch(*args, **kwargs)
+
+    async def encode(batch: np.ndarray) -> np.ndarray:  # every column: the image's mean pixel
+        means = batch.reshape(len(batch), -1).mean(axis=1, dtype=np.float32)
+        return np.repeat(means[:, None], width, axis=1)
+
+    monkeypatch.setattr(pipeline_module, "decode_batch", spying_decode)
+    pipeline = pipeline_module.InferencePipeline(ModelHolder(card), Settings(decode_threads=2),
+                                                 encode)
+    photos = [p.read_bytes() for p in sorted((data_dir / "val" / "bees").glob("*.jpg"))[:12]]
+
+    async def main():
+        return await asyncio.gather(*(pipeline.run([p], endpoint="embed") for p in photos))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        pipeline.close()
+    for result, photo in zip(results, photos):
+        alone = decode_batch([photo], card.preprocessing, pipeline.limits).arrays
+        assert list(result.decoded.positions) == [0]
+        assert np.isclose(result.outputs["embedding"][0, 0], alone.mean(dtype=np.float32))
+    assert decoded_on and len(decoded_on) <= 2
+    assert all(name.startswith("decode_") for name in decoded_on), decoded_on
+    assert not [t for t in threading.enumerate() if t.name.startswith("decode_")]
