@@ -233,11 +233,12 @@ class Settings(BaseSettings):
 
         Before, decoding ran on asyncio's default executor, ``min(32, cores + 4)`` = 6 threads
         on 2 cores, which at c=32-64 decoded 6 photos at once beside the onnxruntime threads
-        and the event loop. Measured (``python -m bench.configs "d0:" "d2:DECODE_THREADS=2"
-        "d1:DECODE_THREADS=1" ... --protocols http,grpc --concurrency 8,32,64 --duration 8``,
-        two alternations, 2 cores, README "Performance"): 2 threads served more images/s than
-        the default executor in 11 of 12 cell pairs (HTTP c=64 124.0-126.6 vs 102.8-122.9,
-        gRPC c=64 123.4-130.0 vs 121.0-121.4), 1 thread fewer on HTTP (105.8-121.8).
+        and the event loop. Measured over five alternations (``python -m bench.configs
+        "d6:DECODE_THREADS=6" "d2:" ... --protocols http,grpc --concurrency 32,64
+        --duration 8``, 2 cores, README "Performance"), mean images/s of 2 threads against 6:
+        HTTP c=32 137.9 vs 130.5, HTTP c=64 132.5 vs 125.0 (p99 lower), gRPC c=32 138.8 vs
+        133.0, gRPC c=64 132.6 vs 136.2; one thread served fewer on HTTP (105.8-121.8 at
+        c=8-64 against 109.1-130.0).
         """
         return self.decode_threads or max(1, usable_cores() // self.api_worker_count)
 
