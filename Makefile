@@ -56,8 +56,9 @@ TS_VENV := bench/.venv-torchserve
 TRITON_VENV := bench/.venv-triton
 RAY_SERVE_VENV := bench/.venv-ray-serve
 # What the Triton and Ray Serve replicas import of this repository (models.decode, models.runtime,
-# put on PYTHONPATH by the harness), at the pins of pyproject.toml's dependencies.
-PEER_DEPS := onnxruntime==1.31.1 pillow==13.0.0 pydantic-settings==2.16.3
+# models.postprocess, put on PYTHONPATH by the harness), at the pins of pyproject.toml's
+# dependencies.
+PEER_DEPS := onnxruntime==1.31.1 pillow==13.0.0 pydantic-settings==2.16.3 orjson==3.13.0
 # Ray Serve at the Ray version the batch engine pins (pyproject.toml's `ray` extra).
 RAY_VERSION := $(shell sed -n 's/.*"ray\[data\]==\([0-9][0-9.]*\)".*/\1/p' pyproject.toml)
 BENCH_ARGS ?=

@@ -1,7 +1,7 @@
 """Post-processing of model outputs, one copy for every path: softmax, top-k, L2, cosine,
 vector packing (float16 / base64).
 
-Torch-free: numpy only.
+Torch-free: numpy (and orjson for JSON numbers).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import base64
 from typing import Literal
 
 import numpy as np
+import orjson
 
 VectorDType = Literal["float32", "float16"]
 VectorEncoding = Literal["list", "base64"]
@@ -87,19 +88,44 @@ def prepare_vectors(matrix: np.ndarray, *, normalize: bool,
     return matrix.astype(_WIRE_DTYPE[dtype], copy=False)
 
 
+def json_numbers(values: np.ndarray) -> list:
+    """Flattened elements of ``values`` as Python numbers whose JSON text is the shortest
+    decimal that reads back as the same value *of the array's own dtype*.
+
+    ``ndarray.tolist()`` widens float32 to float64, whose shortest decimal carries 17
+    significant digits of which 8-9 are the widening's noise: a 1,280-dim float32 embedding was
+    27,168 bytes of JSON that way and is 15,984 this way (measured on a unit-norm random
+    vector), every number parsing back, cast to float32, to the identical bits. orjson's
+    numpy serializer writes float32 with Ryu's shortest float32 form (float16 via float32);
+    reading that text back gives floats whose own shortest form is the same text, so
+    pydantic and ``json`` keep it. Integer and float64 arrays come out as ``tolist()``.
+
+    Args:
+        values: any shape, float16 / float32 / float64 or integer dtype.
+
+    Returns:
+        ``list`` of ``values.size`` ints or floats, row-major.
+    """
+    flat = np.ascontiguousarray(values).reshape(-1)
+    if flat.dtype in (np.float32, np.float16):
+        return orjson.loads(orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY))
+    return flat.tolist()
+
+
 def encode_vector(row: np.ndarray, encoding: VectorEncoding) -> list[float] | str:
     """One vector for a JSON answer: a list of numbers, or base64 of its little-endian bytes.
 
     Args:
         row: ``(D,)`` from :func:`prepare_vectors`.
-        encoding: ``list`` or ``base64`` (RFC 4648, standard alphabet, padded).
+        encoding: ``list`` (:func:`json_numbers`: each number the shortest decimal of its
+            float32 / float16 value) or ``base64`` (RFC 4648, standard alphabet, padded).
 
     Returns:
         ``list[float]`` or an ASCII base64 string of ``D * itemsize`` bytes.
     """
     if encoding == "base64":
         return base64.b64encode(row.tobytes()).decode("ascii")
-    return row.tolist()
+    return json_numbers(row)
 
 
 def decode_vector(text: str, dtype: VectorDType = "float32") -> np.ndarray:

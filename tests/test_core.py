@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -20,8 +21,8 @@ from cnn_codes.settings import Settings
 from conftest import REPO_ROOT, base_env
 from models.decode import DecodeLimits, decode_batch, decode_image, read_file
 from models.errors import ERRORS, IMAGE_ERROR_CODES, ImageError, RequestError
-from models.postprocess import (cosine_rows, decode_vector, encode_vector, l2_normalize,
-                                prepare_vectors, softmax, top_k)
+from models.postprocess import (cosine_rows, decode_vector, encode_vector, json_numbers,
+                                l2_normalize, prepare_vectors, softmax, top_k)
 from models.preprocessing import PreprocessSpec
 
 SPEC = PreprocessSpec(resize_size=64, crop_size=56, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
@@ -125,6 +126,24 @@ def test_postprocess():
     np.testing.assert_array_equal(decode_vector(encode_vector(half[0], "base64"), "float16"),
                                   half[0])
     assert encode_vector(half[0], "list") == pytest.approx([0.6, 0.8], abs=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_json_numbers_are_the_shortest_that_read_back_bit_for_bit(dtype):
+    """A vector's JSON numbers read back, cast to its dtype, to the identical bits, and are
+    never longer than ``tolist()``'s float64 text (for float32, far shorter)."""
+    rng = np.random.default_rng(0)
+    row = prepare_vectors(rng.standard_normal((1, 1280)).astype(np.float32), normalize=True,
+                          dtype=dtype)[0]
+    numbers = encode_vector(row, "list")
+    text = json.dumps(numbers)
+    back = np.asarray(json.loads(text), dtype=row.dtype)
+    np.testing.assert_array_equal(back.view(np.uint8), row.view(np.uint8))
+    widened = json.dumps(row.tolist())
+    assert len(text) <= len(widened)
+    if dtype == "float32":
+        assert len(text) < 0.7 * len(widened), (len(text), len(widened))
+    assert json_numbers(np.arange(3, dtype=np.uint8)) == [0, 1, 2]
 
 
 @pytest.fixture()

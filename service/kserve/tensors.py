@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from models.errors import RequestError
+from models.postprocess import json_numbers
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class OutputTensor:
         flat = self.data.reshape(-1)
         if self.datatype == "BYTES":
             return [item.decode("utf-8") for item in flat]
-        return flat.astype(np.float64).tolist()
+        return json_numbers(flat)
 
 
 @dataclass(frozen=True)
