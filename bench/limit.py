@@ -159,9 +159,9 @@ def pipeline_limit(onnx_rows: list[dict[str, Any]], decode: dict[str, Any]) -> d
     }
 
 
-def probe(repository: Path, name: str, version: int, photos: Sequence[Photo],
-          arrays: np.ndarray, spec: PreprocessSpec, *, batch: int, seconds: float,
-          processes: int) -> dict[str, Any]:
+def probe(onnx_path: Path, repository: Path, name: str, version: int,
+          photos: Sequence[Photo], arrays: np.ndarray, spec: PreprocessSpec, *, batch: int,
+          seconds: float, processes: int) -> dict[str, Any]:
     """The limit measured again, briefly, right beside a group of the service's cells.
 
     This machine's speed moves by a quarter within minutes (three ``make bench`` runs on
@@ -172,7 +172,8 @@ def probe(repository: Path, name: str, version: int, photos: Sequence[Photo],
     the probe before and the probe after them (:mod:`bench.report`).
 
     Args:
-        repository, name, version: the published model (the service's session options).
+        onnx_path, repository, name, version: the published model (as
+            :func:`onnx_throughput` takes it; the service's session options).
         photos: the sample photos (decode: the natural mix, one core and ``processes``).
         arrays: ``(M, S, S, 3)`` uint8 preprocessed photos (onnxruntime input).
         batch: the batch size that was fastest in the start-of-run limit (only that one and
@@ -186,7 +187,7 @@ def probe(repository: Path, name: str, version: int, photos: Sequence[Photo],
         + onnxruntime batch 1 (p50), ms: the c=1 latency target's denominator.
     """
     sizes = (1,) if batch == 1 else (1, batch)
-    onnx_rows = onnx_throughput(repository, repository, name, version, arrays, sizes,
+    onnx_rows = onnx_throughput(onnx_path, repository, name, version, arrays, sizes,
                                 seconds=seconds)
     decode = decode_throughput(photos, spec, seconds=seconds, processes=processes)
     pipe = pipeline_limit([r for r in onnx_rows if r["batch"] == batch], decode)

@@ -55,12 +55,17 @@ LIMIT_TARGET = 0.85
 C1_LATENCY_TARGET = 1.5
 
 
+def _probes(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Our system's limit probes (``systems.cnn_codes.limit_beside``); empty without them."""
+    return result.get("systems", {}).get("cnn_codes", {}).get("limit_beside") or []
+
+
 def beside_limits(result: dict[str, Any]) -> dict[int, dict[str, float]]:
     """``{concurrency: {"shared_cores_images_per_s", "c1_alone_ms"}}``: for each level of our
     cells, the mean of the limit probe before it and the one after it
     (``systems.cnn_codes.limit_beside``, :func:`bench.limit.probe`); a level whose probes
     failed, or a run without probes, is absent."""
-    probes = result.get("systems", {}).get("cnn_codes", {}).get("limit_beside") or []
+    probes = _probes(result)
     levels = result.get("plan", {}).get("concurrency", [])
     beside: dict[int, dict[str, float]] = {}
     for index, concurrency in enumerate(levels):
@@ -263,7 +268,7 @@ def batch_job_table(result: dict[str, Any]) -> list[str]:
 
 def beside_table(result: dict[str, Any]) -> list[str]:
     """The limit probes taken beside our cells (:func:`bench.limit.probe`), Markdown."""
-    probes = result.get("systems", {}).get("cnn_codes", {}).get("limit_beside") or []
+    probes = _probes(result)
     if not probes:
         return []
     levels = result["plan"]["concurrency"]
@@ -315,8 +320,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| `{key}` | {_fmt(result['ratios'].get(key), 3)} | "
                      f"{_fmt(result['ratios_at_concurrency'].get(key))} | {target} | "
                      f"{met} |")
-    for key, verdict in result["targets"].items():
-        if verdict.get("vs_start_of_run_limit") is not None and "beside" in verdict["against"]:
+    for key, verdict in result["targets"].items() if beside_limits(result) else ():
+        if verdict.get("vs_start_of_run_limit") is not None:
             lines.append(f"| `{key}` | {_fmt(verdict['vs_start_of_run_limit'], 3)} | | "
                          "(context: against the limit measured once, at the start) | |")
     lines.append(f"| `service_vs_limit` | "

@@ -81,12 +81,11 @@ def _grpc_status(result: dict[str, Any]) -> dict[str, Any]:
             "best_concurrency": best["concurrency"]}
 
 
-def _limits(args: argparse.Namespace, photos: list, model, spec, quick: bool
+def _limits(args: argparse.Namespace, photos: list, arrays, model, spec, quick: bool
             ) -> dict[str, Any]:
     seconds = 1.5 if quick else 5.0
     decode = limit_mod.decode_throughput(photos, spec, seconds=seconds,
                                          processes=usable_cores())
-    arrays = limit_mod.preprocess_all(photos, spec)
     onnx_rows = limit_mod.onnx_throughput(model.onnx_path, model.repository, model.name,
                                           model.version, arrays, (1, 8, 32, 64),
                                           seconds=seconds)
@@ -143,7 +142,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "preprocessing": spec.model_dump(mode="json"),
                        "weights": "random init + 1 epoch (speed does not depend on weights)"}
 
-    result["limit"] = _limits(args, photos, model, spec, quick)
+    arrays = limit_mod.preprocess_all(photos, spec)  # onnxruntime's input, start and probes
+    result["limit"] = _limits(args, photos, arrays, model, spec, quick)
     if args.no_batch_job:
         result["batch_job"] = {"status": "skipped", "reason": "--no-batch-job"}
     else:
@@ -178,8 +178,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         # the limit again beside our own cells (the targets are set against it)
         probe = (functools.partial(
-            limit_mod.probe, model.repository, model.name, model.version, photos,
-            limit_mod.preprocess_all(photos, spec), spec,
+            limit_mod.probe, model.onnx_path, model.repository, model.name, model.version,
+            photos, arrays, spec,
             batch=result["limit"]["pipeline"]["onnx_best_batch"],
             seconds=1.5 if quick else 3.0, processes=usable_cores())
             if key == "cnn_codes" else None)
