@@ -103,6 +103,8 @@ class CellResult:
 
     Throughput counts successful responses completed inside the measuring window; latency
     percentiles are over the same responses (client side: send to last byte read).
+    ``ok_latencies_ms`` (those responses' latencies, ms; not in :meth:`as_dict`) and
+    ``ok_images`` let :func:`combine` pool several passes of one cell.
     """
 
     concurrency: int
@@ -115,6 +117,8 @@ class CellResult:
     client_cpu_s: float
     error_samples: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    ok_latencies_ms: np.ndarray | None = field(default=None, repr=False)
+    ok_images: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -171,6 +175,16 @@ async def _run_cell(base_url: str, requests: Sequence[HttpRequest], concurrency:
                      samples, cancelled)
 
 
+def _percentiles(latencies: np.ndarray) -> dict[str, float]:
+    """p50 / p95 / p99 / mean of ``latencies`` (ms; NaN when empty)."""
+    if latencies.size == 0:
+        latencies = np.array([np.nan])
+    return {"p50": round(float(np.percentile(latencies, 50)), 1),
+            "p95": round(float(np.percentile(latencies, 95)), 1),
+            "p99": round(float(np.percentile(latencies, 99)), 1),
+            "mean": round(float(np.mean(latencies)), 1)}
+
+
 def summarise(records: Sequence[tuple[float, float, int | str, int]], concurrency: int,
               warm_end: float, end: float, duration_s: float, cpu_s: float,
               samples: list[str], cancelled: int) -> CellResult:
@@ -182,17 +196,49 @@ def summarise(records: Sequence[tuple[float, float, int | str, int]], concurrenc
     in_window = [r for r in records if warm_end <= r[1] <= end]
     good = [r for r in in_window if r[2] in (200, "OK")]
     rejected = sum(1 for r in in_window if r[2] in (429, "RESOURCE_EXHAUSTED"))
-    latencies = np.array([(r[1] - r[0]) * 1000 for r in good]) if good else np.array([np.nan])
+    latencies = np.array([(r[1] - r[0]) * 1000 for r in good], dtype=np.float64)
+    images = sum(r[3] for r in good)
     return CellResult(
         concurrency=concurrency, window_s=round(duration_s, 2), completed=len(in_window),
         ok=len(good), errors=len(in_window) - len(good),
-        images_per_s=round(sum(r[3] for r in good) / duration_s, 2),
-        latency_ms={"p50": round(float(np.percentile(latencies, 50)), 1),
-                    "p95": round(float(np.percentile(latencies, 95)), 1),
-                    "p99": round(float(np.percentile(latencies, 99)), 1),
-                    "mean": round(float(np.mean(latencies)), 1)},
+        images_per_s=round(images / duration_s, 2), latency_ms=_percentiles(latencies),
         client_cpu_s=round(cpu_s, 2), error_samples=samples,
-        extra={"rejected_overload": rejected, "cancelled_after_window": cancelled})
+        extra={"rejected_overload": rejected, "cancelled_after_window": cancelled},
+        ok_latencies_ms=latencies, ok_images=images)
+
+
+def combine(passes: Sequence[CellResult]) -> CellResult:
+    """Several passes of one cell (same endpoint and concurrency, measured at different
+    moments) as one cell: counts and windows summed, images/s = all successful images / all
+    window seconds, latency percentiles over every pass's successful responses. Each pass's
+    headline figures stay in ``extra["passes"]``.
+
+    Raises:
+        ValueError: no passes, or passes of different concurrency.
+    """
+    if not passes:
+        raise ValueError("combine needs at least one pass")
+    if len({p.concurrency for p in passes}) != 1:
+        raise ValueError("passes of one cell must share the concurrency")
+    if len(passes) == 1:
+        return passes[0]
+    window = sum(p.window_s for p in passes)
+    images = sum(p.ok_images for p in passes)
+    latencies = np.concatenate([p.ok_latencies_ms for p in passes
+                                if p.ok_latencies_ms is not None] or [np.array([])])
+    extra: dict[str, Any] = {
+        key: sum(p.extra.get(key, 0) for p in passes)
+        for key in ("rejected_overload", "cancelled_after_window")}
+    extra["passes"] = [{"images_per_s": p.images_per_s, "p50": p.latency_ms["p50"],
+                        "p99": p.latency_ms["p99"], **p.extra} for p in passes]
+    return CellResult(
+        concurrency=passes[0].concurrency, window_s=round(window, 2),
+        completed=sum(p.completed for p in passes), ok=sum(p.ok for p in passes),
+        errors=sum(p.errors for p in passes), images_per_s=round(images / window, 2),
+        latency_ms=_percentiles(latencies),
+        client_cpu_s=round(sum(p.client_cpu_s for p in passes), 2),
+        error_samples=[s for p in passes for s in p.error_samples][:3], extra=extra,
+        ok_latencies_ms=latencies, ok_images=images)
 
 
 def run_cell(base_url: str, requests: Sequence[HttpRequest], concurrency: int, *,

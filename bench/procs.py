@@ -49,6 +49,25 @@ def tree_memory(pid: int) -> dict[str, int]:
     return {"rss": rss, "pss": pss, "processes": count}
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by ``pid`` and its live descendants (0 when gone);
+    the difference of two calls is what the tree used between them (children that exit in
+    between are not counted)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    seconds = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        seconds += times.user + times.system
+    return seconds
+
+
 class MemorySampler:
     """Samples :func:`tree_memory` in a thread and keeps the peak per phase (idle / load)."""
 

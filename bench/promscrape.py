@@ -22,6 +22,13 @@ class HistogramTotals:
                                {le: n - before.buckets.get(le, 0.0)
                                 for le, n in self.buckets.items()})
 
+    def plus(self, other: "HistogramTotals") -> "HistogramTotals":
+        """Both sets of observations (e.g. two passes of one cell)."""
+        keys = self.buckets.keys() | other.buckets.keys()
+        return HistogramTotals(self.total + other.total, self.count + other.count,
+                               {le: self.buckets.get(le, 0.0) + other.buckets.get(le, 0.0)
+                                for le in keys})
+
     @property
     def mean(self) -> float | None:
         """Mean observation, None when nothing was observed."""

@@ -3,7 +3,7 @@
 Writes ``bench/results/latest.json`` (everything, including ``ratios``), ``latest.md`` (the
 tables) and ``throughput.png`` (images/s vs concurrency for every system).
 
-    python -m bench.run            # full run, ~10 minutes on 2 cores
+    python -m bench.run            # full run, ~17 minutes on 2 cores
     python -m bench.run --quick    # seconds per cell, to check the harness
     python -m bench.run --quick --systems triton,ray_serve --no-batch-job   # only the peers
 """
@@ -35,6 +35,27 @@ BENCH_DIR = REPO_ROOT / "bench"
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "hymenoptera"
 SYSTEMS = ("cnn_codes", "fastapi_torch", "torchserve", "torchserve_tuned", "triton",
            "ray_serve")
+
+
+# Measured side by side, up at once, cells alternated (bench.systems.measure_together): our
+# service and Triton, the peer whose ratios sit closest to 1.0. The others, one at a time.
+MEASURED_TOGETHER = (("cnn_codes", "triton"),)
+
+
+def _groups(wanted: list[str]) -> list[tuple[str, ...]]:
+    """The selected systems in ``SYSTEMS`` order, as groups measured together: each group of
+    ``MEASURED_TOGETHER`` (its selected members) where its first member comes, every other
+    system alone."""
+    groups: list[tuple[str, ...]] = []
+    placed: set[str] = set()
+    for key in SYSTEMS:
+        if key not in wanted or key in placed:
+            continue
+        group = next((g for g in MEASURED_TOGETHER if key in g), (key,))
+        members = tuple(k for k in group if k in wanted)
+        placed.update(members)
+        groups.append(members)
+    return groups
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,18 +184,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shared: dict[str, Any] = {"service_env": dict(kv.split("=", 1) for kv in args.service_env)}
     result["service_env"] = shared["service_env"]
     result["systems"] = {}
-    for key in SYSTEMS:
-        if key not in wanted:
-            result["systems"][key] = {"key": key, "title": key, "status": "skipped",
-                                      "reason": "not selected with --systems"}
-            continue
-        try:
-            system = builders[key](model, photos, work_dir, shared,
-                                   profile=not args.no_profile and key != "torchserve_tuned")
-        except Exception as exc:  # e.g. TorchServe / Triton / Ray Serve not installed: say why
-            logger.exception("cannot set up %s", key)
-            result["systems"][key] = {"key": key, "title": key, "status": "failed",
-                                      "reason": f"{type(exc).__name__}: {exc}"[:3000]}
+    for group in _groups(wanted):
+        built = []
+        for key in group:
+            try:
+                built.append(builders[key](model, photos, work_dir, shared,
+                                           profile=not args.no_profile
+                                           and key != "torchserve_tuned"))
+            except Exception as exc:  # e.g. TorchServe / Triton / Ray Serve not installed
+                logger.exception("cannot set up %s", key)
+                result["systems"][key] = {"key": key, "title": key, "status": "failed",
+                                          "reason": f"{type(exc).__name__}: {exc}"[:3000]}
+        if not built:
             continue
         # the limit again beside our own cells (the targets are set against it)
         probe = (functools.partial(
@@ -182,8 +203,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             photos, arrays, spec,
             batch=result["limit"]["pipeline"]["onnx_best_batch"],
             seconds=1.5 if quick else 3.0, processes=usable_cores())
-            if key == "cnn_codes" else None)
-        result["systems"][key] = systems.measure(system, plan, work_dir, probe=probe)
+            if "cnn_codes" in group else None)
+        result["systems"].update(systems.measure_together(built, plan, work_dir, probe=probe))
+    for key in SYSTEMS:
+        result["systems"].setdefault(key, {"key": key, "title": key, "status": "skipped",
+                                           "reason": "not selected with --systems"})
+    result["systems"] = {key: result["systems"][key] for key in SYSTEMS}
     result["grpc"] = _grpc_status(result)
 
     result["load_average_end"] = load_average()

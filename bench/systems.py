@@ -9,15 +9,16 @@ profiles one extra cell with py-spy, and always stops the server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from bench import profiling
-from bench.loadgen import run_cell
-from bench.procs import ManagedServer, MemorySampler
+from bench.loadgen import CellResult, combine, run_cell
+from bench.procs import ManagedServer, MemorySampler, tree_cpu_seconds
 from bench.promscrape import HistogramTotals, batch_summary, scrape_histogram
 
 logger = logging.getLogger(__name__)
@@ -108,64 +109,159 @@ def _pause_until_idle(seconds: float = 2.0) -> None:
 
 def measure(system: System, plan: Plan, work_dir: Path,
             probe: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Start ``system``, run every cell, stop it (always). Never raises for a server failure:
-    the failure is returned as ``{"status": "failed", "reason": ...}``.
+    """Start ``system``, run every cell, stop it (always): :func:`measure_together` of one
+    system. Never raises for a server failure: the failure is returned as
+    ``{"status": "failed", "reason": ...}``."""
+    return measure_together([system], plan, work_dir, probe=probe)[system.key]
 
-    ``probe`` (the limit measured again, :func:`bench.limit.probe`) runs with the server up
+
+@dataclass
+class _Up:
+    """A started system during :func:`measure_together`: its result so far, its memory
+    sampler, the endpoints that can take load."""
+
+    system: System
+    result: dict[str, Any]
+    memory: MemorySampler
+    live: list[Endpoint] = field(default_factory=list)
+
+
+def measure_together(systems: Sequence[System], plan: Plan, work_dir: Path,
+                     probe: Callable[[], dict[str, Any]] | None = None
+                     ) -> dict[str, dict[str, Any]]:
+    """Start every system in ``systems``, measure them side by side, stop them (always).
+
+    With one system: each concurrency level runs its endpoints in order, one pass per cell of
+    ``plan.duration_s``. With several (our service and the peer it is compared with): all are
+    up at once, each idle while another is loaded, and each level runs every (system,
+    endpoint) cell twice in mirrored order, A B ... B A, each pass half of
+    ``plan.duration_s`` after its own warm-up; a cell is both passes pooled
+    (:func:`bench.loadgen.combine`). A linear drift of the machine's speed within the level
+    then moves both systems' cells alike, so their ratio is measured at the same moment,
+    which one system after another, 8 minutes apart, is not (this machine moves 10-25 %
+    within minutes). What the idle systems used while another was loaded is kept per cell
+    (``others_cpu_cores``).
+
+    ``probe`` (the limit measured again, :func:`bench.limit.probe`) runs with every system up
     and idle before the first concurrency level and after every level; its results are
-    ``limit_beside`` (one more entry than levels), so each level's cells have a limit
-    measured minutes, not a quarter of an hour, from them."""
-    result: dict[str, Any] = {"key": system.key, "title": system.title, "status": "ok",
-                              "notes": system.notes, "endpoints": {}}
-    try:
-        system.server.start()
-        result["startup_s"] = round(system.server.wait_ready(system.ready,
-                                                             system.ready_timeout_s), 1)
-        logger.info("%s ready after %.1f s", system.title, result["startup_s"])
-        if system.sanity is not None:
-            result["sanity"] = system.sanity()
-        with MemorySampler(system.server.pid) as memory:
-            time.sleep(plan.idle_s)
-            memory.sample()
-            memory.phase = "load"
-            live = []
-            for endpoint in system.endpoints:
-                problem = _unavailable(endpoint)
-                if problem is not None:
-                    result["endpoints"][endpoint.label] = {"status": "failed", "reason": problem,
-                                                           "protocol": endpoint.protocol}
-                else:
-                    live.append(endpoint)
-                    result["endpoints"][endpoint.label] = {"status": "ok", "cells": [],
-                                                           "protocol": endpoint.protocol}
-            if probe is not None:
-                result["limit_beside"] = [_probe(probe)]
-            # Ramp up: every endpoint at c=1, then every endpoint at c=8, ... so no cell follows
-            # a heavier one (adaptive batching remembers recent queueing; see after_burst).
-            for concurrency in plan.concurrency:
-                for endpoint in live:
-                    cell = _measured_cell(system, endpoint, concurrency, plan)
-                    result["endpoints"][endpoint.label]["cells"].append(cell)
-                    _pause_until_idle()
-                if probe is not None:
-                    result["limit_beside"].append(_probe(probe))
-            if live and plan.after_burst:
-                # The same c=1 cell right after the heaviest one: the latency a lone client
+    ``limit_beside`` of each system (one more entry than levels).
+
+    Returns:
+        ``{system.key: result}``; a system that fails to start or fails during a cell is
+        ``{"status": "failed", "reason": ...}`` and the others go on.
+    """
+    results: dict[str, dict[str, Any]] = {
+        s.key: {"key": s.key, "title": s.title, "status": "ok", "notes": s.notes,
+                "endpoints": {}} for s in systems}
+    together = len(systems) > 1
+    if together:
+        for s in systems:
+            results[s.key]["measured_with"] = [o.key for o in systems if o is not s]
+    up: list[_Up] = []
+    with contextlib.ExitStack() as stack:
+        for system in systems:
+            stack.callback(system.server.stop)
+            try:
+                up.append(_start(system, results[system.key], stack))
+            except Exception as exc:  # one system failing must not lose the others' numbers
+                _failed(results[system.key], exc)
+        try:
+            _ramp(up, plan, probe, passes=2 if len(up) > 1 else 1)
+        except Exception as exc:  # a harness bug: keep what was measured, say what broke
+            for entry in up:
+                _failed(entry.result, exc)
+        for entry in up:
+            entry.memory.sample()
+        for entry in up:
+            if entry.result["status"] == "ok" and entry.system.profile and plan.profile_s > 0:
+                entry.memory.phase = "profile"
+                try:
+                    entry.result["profile"] = _profile(entry.system, plan, work_dir)
+                except Exception as exc:
+                    _failed(entry.result, exc)
+    for entry in up:  # the samplers stopped with the stack
+        entry.result["memory"] = entry.memory.summary()
+    return results
+
+
+def _failed(result: dict[str, Any], exc: BaseException) -> None:
+    logger.error("%s failed", result["title"], exc_info=exc)
+    result.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:3000])
+
+
+def _start(system: System, result: dict[str, Any], stack: contextlib.ExitStack) -> _Up:
+    """Start ``system``, wait until it serves, run its sanity check, start its memory
+    sampler (stopped with ``stack``), find which endpoints can take load."""
+    system.server.start()
+    result["startup_s"] = round(system.server.wait_ready(system.ready, system.ready_timeout_s),
+                                1)
+    logger.info("%s ready after %.1f s", system.title, result["startup_s"])
+    if system.sanity is not None:
+        result["sanity"] = system.sanity()
+    return _Up(system, result, stack.enter_context(MemorySampler(system.server.pid)))
+
+
+def _ramp(up: list[_Up], plan: Plan, probe: Callable[[], dict[str, Any]] | None, *,
+          passes: int) -> None:
+    """Every level's cells for every started system, the probes, the after-burst cells."""
+    if not up:
+        return
+    time.sleep(plan.idle_s)
+    for entry in up:
+        entry.memory.sample()
+        entry.memory.phase = "load"
+        for endpoint in entry.system.endpoints:
+            problem = _unavailable(endpoint)
+            if problem is not None:
+                entry.result["endpoints"][endpoint.label] = {
+                    "status": "failed", "reason": problem, "protocol": endpoint.protocol}
+            else:
+                entry.live.append(endpoint)
+                entry.result["endpoints"][endpoint.label] = {
+                    "status": "ok", "cells": [], "protocol": endpoint.protocol}
+    beside: list[dict[str, Any]] = []
+    if probe is not None:
+        for entry in up:
+            entry.result["limit_beside"] = beside
+        beside.append(_probe(probe))
+    # Ramp up: every endpoint at c=1, then every endpoint at c=8, ... so no cell follows a
+    # heavier one (adaptive batching remembers recent queueing; see after_burst).
+    for concurrency in plan.concurrency:
+        order = [(entry, endpoint) for entry in up for endpoint in entry.live]
+        schedule = order + order[::-1] if passes == 2 else order
+        measured: dict[tuple[str, str], list[tuple[CellResult, float]]] = {}
+        for entry, endpoint in schedule:
+            if entry.result["status"] != "ok":
+                continue
+            try:
+                cell = _measured_pass(entry, endpoint, concurrency, plan,
+                                      plan.duration_s / passes, others=[
+                                          o for o in up if o is not entry])
+            except Exception as exc:
+                _failed(entry.result, exc)
+                continue
+            measured.setdefault((entry.system.key, endpoint.label), []).append(cell)
+            _pause_until_idle()
+        for entry, endpoint in order:
+            cells = measured.get((entry.system.key, endpoint.label))
+            if cells and entry.result["status"] == "ok":
+                entry.result["endpoints"][endpoint.label]["cells"].append(_pooled(cells))
+        if probe is not None:
+            beside.append(_probe(probe))
+    if plan.after_burst:
+        for entry in up:
+            if entry.live and entry.result["status"] == "ok":
+                # The same c=1 cell right after the heaviest level: the latency a lone client
                 # sees just after a burst.
-                cell = _measured_cell(system, live[0], 1, plan)
-                cell["after"] = f"{live[-1].label} at c={max(plan.concurrency)}"
-                result["after_burst"] = {"endpoint": live[0].label, **cell}
-            memory.sample()
-            if system.profile and plan.profile_s > 0:
-                memory.phase = "profile"
-                result["profile"] = _profile(system, plan, work_dir)
-        result["memory"] = memory.summary()
-    except Exception as exc:  # one system failing must not lose the others' numbers
-        logger.exception("%s failed", system.title)
-        result.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:3000])
-    finally:
-        system.server.stop()
-    return result
+                try:
+                    cell = _pooled([_measured_pass(entry, entry.live[0], 1, plan,
+                                                   plan.duration_s,
+                                                   others=[o for o in up if o is not entry])])
+                except Exception as exc:
+                    _failed(entry.result, exc)
+                    continue
+                cell["after"] = f"{entry.live[-1].label} at c={max(plan.concurrency)}"
+                entry.result["after_burst"] = {"endpoint": entry.live[0].label, **cell}
 
 
 def _probe(probe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -177,20 +273,45 @@ def _probe(probe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:1000]}
 
 
-def _measured_cell(system: System, endpoint: Endpoint, concurrency: int, plan: Plan
-                   ) -> dict[str, Any]:
-    """One cell plus the batch sizes the server formed during it (where it reports them)."""
+def _measured_pass(entry: _Up, endpoint: Endpoint, concurrency: int, plan: Plan,
+                   duration_s: float, others: Sequence[_Up]
+                   ) -> tuple[CellResult, float]:
+    """One pass of a cell, the batch totals the server reported during it (where it reports
+    them) in ``extra["_batches"]``, and the CPU cores the ``others`` (idle systems) used
+    meanwhile."""
+    system = entry.system
+
     def totals() -> HistogramTotals | None:
         if system.batch_probe is not None:
             return system.batch_probe()
         return scrape_histogram(system.url, system.batch_metric) if system.batch_metric else None
 
     before = totals()
-    cell = _drive(system, endpoint, concurrency, plan, plan.duration_s, plan.warmup_s)
+    cpu_before = [tree_cpu_seconds(o.system.server.pid) for o in others]
+    started = time.monotonic()
+    cell = _drive(system, endpoint, concurrency, plan, duration_s, plan.warmup_s)
+    elapsed = time.monotonic() - started
+    others_cpu = sum(tree_cpu_seconds(o.system.server.pid) for o in others) - sum(cpu_before)
     after = totals() if before is not None else None
     if before is not None and after is not None:
-        cell.extra.update(batch_summary(after.minus(before)))
-    return cell.as_dict()
+        cell.extra["_batches"] = after.minus(before)
+    return cell, others_cpu / elapsed if others else 0.0
+
+
+def _pooled(passes: Sequence[tuple[CellResult, float]]) -> dict[str, Any]:
+    """The JSON cell of one or more passes (:func:`bench.loadgen.combine`), with the batch
+    sizes over all of them and, when other systems were up, the cores they used meanwhile."""
+    batches = [cell.extra.pop("_batches") for cell, _ in passes if "_batches" in cell.extra]
+    pooled = combine([cell for cell, _ in passes])
+    if batches:
+        total = batches[0]
+        for more in batches[1:]:
+            total = total.plus(more)
+        pooled.extra.update(batch_summary(total))
+    out = pooled.as_dict()
+    if len(passes) > 1 or any(cores for _, cores in passes):
+        out["others_cpu_cores"] = round(max(cores for _, cores in passes), 3)
+    return out
 
 
 def _drive(system: System, endpoint: Endpoint, concurrency: int, plan: Plan,
