@@ -293,6 +293,35 @@ def beside_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def together_table(result: dict[str, Any]) -> list[str]:
+    """The systems measured side by side (``measured_with``, :func:`bench.systems.
+    measure_together`): each cell's two passes, in the order they ran, and the most CPU the
+    idle systems used meanwhile; empty when every system ran alone."""
+    together = [(key, e) for key, e in result.get("systems", {}).items()
+                if e.get("status") == "ok" and e.get("measured_with")]
+    if not together:
+        return []
+    titles = ", ".join(e["title"] for _, e in together)
+    lines = ["", f"## Measured side by side: {titles}", "",
+             "All up at once; at each level every (system, endpoint) cell ran twice in mirrored "
+             "order (A B ... B A), each pass half the window after its own warm-up; a cell above "
+             "pools both passes, so a drift of the machine within the level moves every "
+             "system's cells alike.", "",
+             "| system | endpoint | concurrency | pass 1 images/s | pass 2 images/s | "
+             "idle systems' CPU, cores (max) |", "|---|---|---|---|---|---|"]
+    for key, entry in together:
+        for endpoint, data in entry["endpoints"].items():
+            for c in data.get("cells", []):
+                passes = c.get("passes") or []
+                if len(passes) != 2:
+                    continue
+                lines.append(f"| {entry['title']} | {endpoint} | {c['concurrency']} | "
+                             f"{_fmt(passes[0]['images_per_s'])} | "
+                             f"{_fmt(passes[1]['images_per_s'])} | "
+                             f"{_fmt(c.get('others_cpu_cores'), 3)} |")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The results as Markdown tables (what ``bench/results/latest.md`` holds)."""
     m = result["machine"]
@@ -392,6 +421,7 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{_fmt(c['images_per_s'])} | {_fmt(lat['p50'])} | {_fmt(lat['p95'])} | "
                     f"{_fmt(lat['p99'])} | {errors} / {c['completed']} | "
                     f"{_fmt(c.get('mean_batch_size'), 2)} | {_fmt(c['client_cpu_s'])} |")
+    lines += together_table(result)
     bursts = [(e["title"], e["after_burst"]) for e in result["systems"].values()
               if e.get("after_burst")]
     if bursts:

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
             grow (a cap on what BentoML's dispatcher learns; see :mod:`service.batching`).
         batch_runs: batches in flight at once on one in-process core's session (its adaptive
             batcher's run slots, :class:`service.batcher.AdaptiveBatcher`; figures there).
+        beside_intra_op_threads: onnxruntime intra-op threads of the in-process core's second
+            session, which runs a batch that starts while another is still running (the first
+            keeps :meth:`core_threads` for a batch alone); 0 = one session for every batch.
+            CPU provider and ``batch_runs`` > 1 only (:class:`service.core.Sessions`; figures
+            in README "Performance").
         decode_threads: threads that decode requests' images in each API worker; 0 = the
             worker's share of the usable cores (:attr:`decode_thread_count`).
         max_concurrency: concurrent requests per API worker; more get 429 + Retry-After.
@@ -169,6 +174,7 @@ class Settings(BaseSettings):
     max_latency_ms: int = Field(default=30_000, ge=1)
     max_batch_wait_ms: float = Field(default=5.0, ge=0)
     batch_runs: int = Field(default=2, ge=1)
+    beside_intra_op_threads: int = Field(default=1, ge=0)
     decode_threads: int = Field(default=0, ge=0)
     max_concurrency: int = Field(default=64, ge=1)
     api_workers: int = Field(default=0, ge=0)

@@ -19,6 +19,17 @@ channel, so one API worker) 113-158 -> 142-159 images/s over five alternations, 
 within this machine's noise, c=1 unchanged; the price is the tail (gRPC p99 at c=32 about 323
 -> 379 ms), since a batch now shares the cores with the one beside it.
 
+Why a second session for a batch beside another (``run_beside``, :class:`service.core.Sessions`):
+two runs in flight on one session with 2 intra-op threads each put four compute threads on two
+cores. A batch that starts while another is running goes to a session with one intra-op thread
+(``Settings.beside_intra_op_threads``); a batch alone keeps the 2-thread session, so a lone
+request at concurrency 1 is as fast as before. Measured with ``python -m bench.configs
+"one_a:BESIDE_INTRA_OP_THREADS=0" "pair_a:" ... --protocols http,grpc --concurrency 1,8,32,64``,
+three alternations, 2026-12-02 01:02-01:20 UTC (README "Performance"): means over the three,
+HTTP c=32 149.3 -> 154.8 images/s, c=64 150.6 -> 154.0; gRPC c=32 151.5 -> 162.7, c=64 157.6 ->
+163.7; c=1 p50 unchanged (13.0 vs 13.1 ms HTTP); p99 at c=32 lower (about 300-325 -> 288-297 ms
+HTTP).
+
 Why not BentoML's own dispatcher: it lives in a separate Encoder process behind an aiohttp call
 with pickle-5 bodies (see ``service.encoder``); measured on 2 cores (``make bench``, README
 "Performance"), the in-process batcher is what lets the service approach the decode +
@@ -55,6 +66,9 @@ class AdaptiveBatcher:
             ``runs`` threads, on several at once when ``runs`` > 1 (so it must be thread-safe, as
             onnxruntime's ``InferenceSession.run`` is; read the model reference inside it, so a
             hot reload applies from the next batch).
+        run_beside: the same contract as ``run``, called instead of it for a batch that starts
+            while another batch is still running (e.g. a session with fewer intra-op threads,
+            so two runs share the cores without oversubscribing them); None = always ``run``.
         max_batch_size: most images per run; a submit of more is split by the caller.
         max_wait_s: longest a batch waits for images still being decoded, seconds.
         runs: batches in flight at once (>= 1).
@@ -66,6 +80,7 @@ class AdaptiveBatcher:
     """
 
     def __init__(self, run: RunFn, *, max_batch_size: int, max_wait_s: float, runs: int = 1,
+                 run_beside: RunFn | None = None,
                  pending: Callable[[], int] = lambda: 0,
                  observe: Callable[[int, float], None] = lambda n, s: None) -> None:
         if max_batch_size < 1:
@@ -73,6 +88,8 @@ class AdaptiveBatcher:
         if runs < 1:
             raise ValueError(f"runs must be >= 1, got {runs}")
         self._run = run
+        self._run_beside = run_beside or run
+        self._running = 0  # batches dispatched and not yet finished
         self.max_batch_size = max_batch_size
         self.max_wait_s = max(0.0, max_wait_s)
         self._pending = pending
@@ -151,19 +168,22 @@ class AdaptiveBatcher:
             if not jobs:
                 self._slots.release()
                 continue
-            run = loop.create_task(self._run_batch(jobs, self._slots))
+            fn = self._run_beside if self._running else self._run
+            self._running += 1
+            run = loop.create_task(self._run_batch(jobs, self._slots, fn))
             in_flight.add(run)  # a strong reference until it is done
             run.add_done_callback(in_flight.discard)
 
-    async def _run_batch(self, jobs: list[_Job], slots: asyncio.Semaphore) -> None:
-        """Run one batch on a free thread and hand each caller its rows; frees its slot."""
+    async def _run_batch(self, jobs: list[_Job], slots: asyncio.Semaphore, fn: RunFn) -> None:
+        """Run one batch with ``fn`` on a free thread and hand each caller its rows; frees its
+        slot."""
         loop = asyncio.get_running_loop()
         try:
             batch = (jobs[0].images if len(jobs) == 1
                      else np.concatenate([j.images for j in jobs]))
             started = loop.time()
             try:
-                out = await loop.run_in_executor(self._threads, self._run, batch)
+                out = await loop.run_in_executor(self._threads, fn, batch)
             except Exception as exc:  # every caller of this batch gets the failure
                 for job in jobs:
                     if not job.future.done():
@@ -177,6 +197,7 @@ class AdaptiveBatcher:
                     job.future.set_result(out[offset:offset + n])
                 offset += n
         finally:
+            self._running -= 1
             slots.release()
 
     def close(self) -> None:

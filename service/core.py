@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, TypeVar
 
 import numpy as np
 
@@ -31,6 +32,8 @@ from service import metrics
 from service.batcher import AdaptiveBatcher
 
 logger = logging.getLogger(__name__)
+
+Served = TypeVar("Served", "OnnxEncoder", "Sessions")  # what load_version swaps
 
 
 class Core(Protocol):
@@ -62,16 +65,18 @@ def open_core(published: PublishedModel, settings: Settings) -> OnnxEncoder:
     return core
 
 
-def model_info(core: OnnxEncoder, value: int) -> None:
+def model_info(core: OnnxEncoder | Sessions, value: int) -> None:
     """Set ``cnn_codes_model_info`` of ``core``'s model to ``value`` (1 serving, 0 not)."""
     card = core.card
     metrics.MODEL_INFO.labels(name=card.name, version=str(card.version), backbone=card.backbone,
                               precision=card.precision, provider=core.provider).set(value)
 
 
-def load_version(current: OnnxEncoder, version: int, settings: Settings
-                 ) -> tuple[OnnxEncoder, dict[str, Any]]:
-    """Verify, check compatibility, open and canary ``version`` of ``current``'s model.
+def load_version(current: Served, version: int, settings: Settings,
+                 opener: Callable[[PublishedModel, Settings], Served] = open_core
+                 ) -> tuple[Served, dict[str, Any]]:
+    """Verify, check compatibility, open (``opener``, :func:`open_core` by default) and canary
+    ``version`` of ``current``'s model.
 
     Returns:
         ``(core to serve from now on, {"ok": True, "version": v})``, or ``(current,
@@ -85,7 +90,7 @@ def load_version(current: OnnxEncoder, version: int, settings: Settings
         if problems:
             raise ValueError(f"version {version} is not compatible with version "
                              f"{current.card.version}: {', '.join(problems)}")
-        new = open_core(published, settings)
+        new = opener(published, settings)
     except Exception as exc:  # any failure keeps the old model serving
         logger.error("refused to load %s:%s: %s", current.card.name, version, exc)
         return current, {"ok": False, "error": str(exc)}
@@ -101,13 +106,50 @@ def observe_batch(size: int, seconds: float) -> None:
     metrics.BATCH_SIZE.observe(size)
 
 
+@dataclass(frozen=True)
+class Sessions:
+    """The sessions of the version one API worker serves, swapped together on a reload.
+
+    Attributes:
+        alone: the session of a batch that runs by itself, on the worker's
+            :meth:`cnn_codes.settings.Settings.core_threads` intra-op threads (a lone request
+            at concurrency 1 gets both cores).
+        beside: the session of a batch that starts while another is still running, on
+            ``beside_intra_op_threads`` (1): two such runs share the cores one thread each
+            instead of four intra-op threads contending for two cores; None = ``alone``
+            serves every batch (a GPU provider, one batch in flight, or the setting 0).
+    """
+
+    alone: OnnxEncoder
+    beside: OnnxEncoder | None = None
+
+    @property
+    def card(self):
+        """The served version's card."""
+        return self.alone.card
+
+    @property
+    def provider(self) -> str:
+        """The execution provider the sessions run on."""
+        return self.alone.provider
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """:meth:`models.runtime.OnnxEncoder.run` on ``alone``."""
+        return self.alone.run(images)
+
+    def run_beside(self, images: np.ndarray) -> np.ndarray:
+        """:meth:`models.runtime.OnnxEncoder.run` on ``beside`` (``alone`` without one)."""
+        return (self.beside or self.alone).run(images)
+
+
 class LocalCore:
-    """The session and adaptive batcher inside this API worker process.
+    """The sessions and adaptive batcher inside this API worker process.
 
     Args:
         published: the verified version to serve (:func:`models.repository.resolve`).
-        settings: session options, ``max_batch_size``, ``max_batch_wait_ms`` (and the
-            repository, for :meth:`load`).
+        settings: session options, ``max_batch_size``, ``max_batch_wait_ms``,
+            ``batch_runs``, ``beside_intra_op_threads`` (and the repository, for
+            :meth:`load`).
         pending: images being decoded right now in this worker (the batcher waits for them,
             at most ``max_batch_wait_ms``, only while there are some).
 
@@ -120,14 +162,39 @@ class LocalCore:
                  pending: Callable[[], int] = lambda: 0) -> None:
         # intra-op threads per worker session: Settings.core_threads (2x each worker's core share)
         self.settings = settings.model_copy(update={"intra_op_threads": settings.core_threads()})
-        self.session = open_core(published, self.settings)
+        self.sessions = self.open_sessions(published)
         self.batcher = AdaptiveBatcher(
-            lambda batch: self.session.run(batch),  # one reference read per batch
+            lambda batch: self.sessions.run(batch),  # one reference read per batch
+            run_beside=lambda batch: self.sessions.run_beside(batch),
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_batch_wait_ms / 1000, runs=settings.batch_runs,
             pending=pending,
             observe=observe_batch)
         self._lock = asyncio.Lock()
+
+    @property
+    def session(self) -> OnnxEncoder:
+        """The main session of the served version (:attr:`Sessions.alone`)."""
+        return self.sessions.alone
+
+    def open_sessions(self, published: PublishedModel) -> Sessions:
+        """:func:`open_core` of ``published``, and its ``beside`` session where it applies
+        (CPU provider, ``batch_runs`` > 1, ``0 < beside_intra_op_threads <`` the main
+        session's threads).
+
+        Raises:
+            see :func:`open_core`.
+        """
+        alone = open_core(published, self.settings)
+        threads = self.settings.beside_intra_op_threads
+        if (self.settings.batch_runs < 2 or not 0 < threads < self.settings.intra_op_threads
+                or alone.provider != "CPUExecutionProvider"):
+            return Sessions(alone)
+        beside = open_core(published,
+                           self.settings.model_copy(update={"intra_op_threads": threads}))
+        logger.info("a batch beside another runs on %d intra-op thread(s), one alone on %d",
+                    threads, self.settings.intra_op_threads)
+        return Sessions(alone, beside)
 
     async def encode(self, images: np.ndarray) -> np.ndarray:
         """``(n, S, S, 3)`` uint8, ``n <= max_batch_size`` -> ``(n, K + D + C)`` float32."""
@@ -135,15 +202,16 @@ class LocalCore:
 
     async def model_ref(self) -> dict[str, Any]:
         """Name and version of the loaded model."""
-        return {"name": self.session.card.name, "version": self.session.card.version}
+        return {"name": self.sessions.card.name, "version": self.sessions.card.version}
 
     async def load(self, version: int) -> dict[str, Any]:
-        """Hot-swap to ``version`` (see :func:`load_version`); batches in flight finish on the
-        old session."""
+        """Hot-swap to ``version`` (see :func:`load_version`; both sessions at once); batches
+        in flight finish on the old sessions."""
         async with self._lock:
             started = time.perf_counter()
-            self.session, result = await asyncio.to_thread(
-                load_version, self.session, version, self.settings)
+            self.sessions, result = await asyncio.to_thread(
+                load_version, self.sessions, version, self.settings,
+                opener=lambda published, _settings: self.open_sessions(published))
             logger.info("load(%d): %s in %.2f s", version, result, time.perf_counter() - started)
             return result
 

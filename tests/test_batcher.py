@@ -203,3 +203,63 @@ def test_two_runs_overlap_and_the_queue_grows_into_bigger_batches_meanwhile():
     assert any(isinstance(r, threading.BrokenBarrierError) for r in results)
     with pytest.raises(ValueError, match="runs"):
         AdaptiveBatcher(model, max_batch_size=1, max_wait_s=0.0, runs=0)
+
+
+def test_a_batch_that_starts_beside_another_runs_on_run_beside():
+    """``run_beside`` takes a batch dispatched while another is running; a batch alone (the
+    first, and the next one once both finished) takes ``run``."""
+    barrier = threading.Barrier(2, timeout=2.0)
+    calls: list[tuple[str, int]] = []
+
+    def make(name: str):
+        def model(batch: np.ndarray) -> np.ndarray:
+            calls.append((name, int(batch[0, 0, 0, 0])))
+            if len(calls) <= 2:
+                barrier.wait()  # the first two batches are in flight together
+            return batch.reshape(len(batch), -1).mean(axis=1, keepdims=True).astype(np.float32)
+        return model
+
+    batcher = AdaptiveBatcher(make("alone"), run_beside=make("beside"), max_batch_size=8,
+                              max_wait_s=0.0, runs=2)
+
+    async def main() -> list[np.ndarray]:
+        first = asyncio.ensure_future(batcher.submit(images(1, 0)))
+        await asyncio.sleep(0.1)  # its batch is running
+        second = asyncio.ensure_future(batcher.submit(images(1, 1)))
+        outs = await asyncio.gather(first, second)
+        return [*outs, await batcher.submit(images(1, 2))]  # alone again
+
+    outs = asyncio.run(main())
+    batcher.close()
+    assert [o[0, 0] for o in outs] == [0, 1, 2]
+    assert calls == [("alone", 0), ("beside", 1), ("alone", 2)]
+
+
+def test_local_core_runs_a_batch_beside_another_on_its_one_thread_session(published, data_dir):
+    """The in-process core's two sessions (service.core.Sessions): the main one on the worker's
+    intra-op threads, the ``beside`` one on ``beside_intra_op_threads``; both give the same
+    CNN codes; ``beside_intra_op_threads=0`` or one batch in flight opens one session."""
+    from cnn_codes.settings import Settings
+    from models.decode import decode_file
+    from models.repository import resolve
+    from service.core import LocalCore
+
+    base = dict(repository=published["repository"], model_name=published["name"],
+                model_version=str(published["version"]), intra_op_threads=2)
+    model = resolve(base["repository"], base["model_name"], base["model_version"])
+    core = LocalCore(model, Settings(**base))
+    try:
+        sessions = core.sessions
+        assert sessions.beside is not None
+        assert sessions.alone.session.get_session_options().intra_op_num_threads == 2
+        assert sessions.beside.session.get_session_options().intra_op_num_threads == 1
+        paths = sorted((data_dir / "val" / "ants").glob("*.jpg"))[:3]
+        arrays = np.stack([decode_file(str(p), model.card.preprocessing) for p in paths])
+        np.testing.assert_allclose(sessions.run_beside(arrays), sessions.run(arrays),
+                                   rtol=1e-4, atol=1e-4)
+    finally:
+        core.close()
+    for extra in ({"beside_intra_op_threads": 0}, {"batch_runs": 1}):
+        single = LocalCore(model, Settings(**base, **extra))
+        assert single.sessions.beside is None
+        single.close()
