@@ -25,7 +25,7 @@ cores. A batch that starts while another is running goes to a session with one i
 (``Settings.beside_intra_op_threads``); a batch alone keeps the 2-thread session, so a lone
 request at concurrency 1 is as fast as before. Measured with ``python -m bench.configs
 "one_a:BESIDE_INTRA_OP_THREADS=0" "pair_a:" ... --protocols http,grpc --concurrency 1,8,32,64``,
-three alternations, 2026-12-02 01:02-01:20 UTC (README "Performance"): means over the three,
+three alternations, 2026-12-02 01:02-01:10 UTC (README "Performance"): means over the three,
 HTTP c=32 149.3 -> 154.8 images/s, c=64 150.6 -> 154.0; gRPC c=32 151.5 -> 162.7, c=64 157.6 ->
 163.7; c=1 p50 unchanged (13.0 vs 13.1 ms HTTP); p99 at c=32 lower (about 300-325 -> 288-297 ms
 HTTP).
