@@ -134,11 +134,12 @@ class Sessions:
         return self.alone.provider
 
     def run(self, images: np.ndarray) -> np.ndarray:
-        """:meth:`models.runtime.OnnxEncoder.run` on ``alone``."""
+        """``(N, S, S, 3)`` uint8 -> ``(N, K + D + C)`` float32 on ``alone``
+        (:meth:`models.runtime.OnnxEncoder.run`; raises ``ValueError`` as it does)."""
         return self.alone.run(images)
 
     def run_beside(self, images: np.ndarray) -> np.ndarray:
-        """:meth:`models.runtime.OnnxEncoder.run` on ``beside`` (``alone`` without one)."""
+        """The same as :meth:`run`, on ``beside`` (``alone`` without one)."""
         return (self.beside or self.alone).run(images)
 
 
