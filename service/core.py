@@ -165,13 +165,22 @@ class LocalCore:
         self.settings = settings.model_copy(update={"intra_op_threads": settings.core_threads()})
         self.sessions = self.open_sessions(published)
         self.batcher = AdaptiveBatcher(
-            lambda batch: self.sessions.run(batch),  # one reference read per batch
-            run_beside=lambda batch: self.sessions.run_beside(batch),
+            self._run_alone, run_beside=self._run_beside,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_batch_wait_ms / 1000, runs=settings.batch_runs,
             pending=pending,
             observe=observe_batch)
         self._lock = asyncio.Lock()
+
+    def _run_alone(self, batch: np.ndarray) -> np.ndarray:
+        sessions = self.sessions  # one reference read per batch (a reload swaps both)
+        metrics.BATCH_RUNS.labels(session="alone").inc()
+        return sessions.run(batch)
+
+    def _run_beside(self, batch: np.ndarray) -> np.ndarray:
+        sessions = self.sessions
+        metrics.BATCH_RUNS.labels(session="beside" if sessions.beside else "alone").inc()
+        return sessions.run_beside(batch)
 
     @property
     def session(self) -> OnnxEncoder:

@@ -25,6 +25,11 @@ INFERENCE_SECONDS = Histogram(
 BATCH_SIZE = Histogram(
     "cnn_codes_batch_size", "Images per batch formed by adaptive batching.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+BATCH_RUNS = Counter(
+    "cnn_codes_batch_runs",
+    "Batches run by the in-process core, by session: alone (the main session, a batch by "
+    "itself) or beside (the 1-thread session, a batch that started while another was running).",
+    ["session"])
 REQUEST_IMAGES = Histogram(
     "cnn_codes_request_images", "Images per request.", ["endpoint"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128))

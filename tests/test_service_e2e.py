@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
+from cnn_codes.settings import Settings
 from conftest import metric
 from models.card import ModelCard
 from models.decode import decode_file
@@ -155,6 +156,8 @@ def test_concurrent_requests_are_batched(server, data_dir):
     paths = val_images(data_dir, per_class=8)[:16]
     before_n = metric(server.url, "cnn_codes_batch_size_count")
     before_sum = metric(server.url, "cnn_codes_batch_size_sum")
+    before_runs = {s: metric(server.url, "cnn_codes_batch_runs_total", session=s)
+                   for s in ("alone", "beside")}
 
     def one(path: Path) -> int:
         return httpx.post(f"{server.url}/embed", files=multipart([path]),
@@ -167,6 +170,13 @@ def test_concurrent_requests_are_batched(server, data_dir):
     images = metric(server.url, "cnn_codes_batch_size_sum") - before_sum
     assert images == len(statuses)
     assert batches < images, "adaptive batching never put two requests in one batch"
+    # every batch counted once by the session it ran on; with two in flight and more than
+    # one core (a second, 1-thread session), some batches started beside another
+    runs = {s: metric(server.url, "cnn_codes_batch_runs_total", session=s) - before_runs[s]
+            for s in ("alone", "beside")}
+    assert runs["alone"] + runs["beside"] == batches
+    if Settings().core_threads() > 1:
+        assert runs["beside"] >= 1, runs
 
 
 def test_model_info_metric(server, published):
