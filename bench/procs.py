@@ -30,15 +30,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def tree_memory(pid: int) -> dict[str, int]:
-    """RSS and PSS (bytes) summed over ``pid`` and all its descendants; process count."""
+def _tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and all its descendants now; empty when ``pid`` is gone."""
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.Error:
-        return {"rss": 0, "pss": 0, "processes": 0}
+        return []
+
+
+def tree_memory(pid: int) -> dict[str, int]:
+    """RSS and PSS (bytes) summed over ``pid`` and all its descendants; process count."""
     rss = pss = count = 0
-    for proc in procs:
+    for proc in _tree(pid):
         try:
             info = proc.memory_full_info()
         except psutil.Error:
@@ -53,13 +57,8 @@ def tree_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds used so far by ``pid`` and its live descendants (0 when gone);
     the difference of two calls is what the tree used between them (children that exit in
     between are not counted)."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
     seconds = 0.0
-    for proc in procs:
+    for proc in _tree(pid):
         try:
             times = proc.cpu_times()
         except psutil.Error:

@@ -116,6 +116,16 @@ def measure(system: System, plan: Plan, work_dir: Path,
 
 
 @dataclass
+class _Pass:
+    """One pass of a cell: what the load generator measured, the batch totals the server
+    reported meanwhile (None where it reports none), the cores the idle systems used."""
+
+    cell: CellResult
+    batches: HistogramTotals | None
+    others_cores: float
+
+
+@dataclass
 class _Up:
     """A started system during :func:`measure_together`: its result so far, its memory
     sampler, the endpoints that can take load."""
@@ -229,18 +239,17 @@ def _ramp(up: list[_Up], plan: Plan, probe: Callable[[], dict[str, Any]] | None,
     for concurrency in plan.concurrency:
         order = [(entry, endpoint) for entry in up for endpoint in entry.live]
         schedule = order + order[::-1] if passes == 2 else order
-        measured: dict[tuple[str, str], list[tuple[CellResult, float]]] = {}
+        measured: dict[tuple[str, str], list[_Pass]] = {}
         for entry, endpoint in schedule:
             if entry.result["status"] != "ok":
                 continue
             try:
-                cell = _measured_pass(entry, endpoint, concurrency, plan,
-                                      plan.duration_s / passes, others=[
-                                          o for o in up if o is not entry])
+                one = _measured_pass(entry, endpoint, concurrency, plan,
+                                     plan.duration_s / passes, up)
             except Exception as exc:
                 _failed(entry.result, exc)
                 continue
-            measured.setdefault((entry.system.key, endpoint.label), []).append(cell)
+            measured.setdefault((entry.system.key, endpoint.label), []).append(one)
             _pause_until_idle()
         for entry, endpoint in order:
             cells = measured.get((entry.system.key, endpoint.label))
@@ -255,8 +264,7 @@ def _ramp(up: list[_Up], plan: Plan, probe: Callable[[], dict[str, Any]] | None,
                 # sees just after a burst.
                 try:
                     cell = _pooled([_measured_pass(entry, entry.live[0], 1, plan,
-                                                   plan.duration_s,
-                                                   others=[o for o in up if o is not entry])])
+                                                   plan.duration_s, up)])
                 except Exception as exc:
                     _failed(entry.result, exc)
                     continue
@@ -274,43 +282,41 @@ def _probe(probe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def _measured_pass(entry: _Up, endpoint: Endpoint, concurrency: int, plan: Plan,
-                   duration_s: float, others: Sequence[_Up]
-                   ) -> tuple[CellResult, float]:
-    """One pass of a cell, the batch totals the server reported during it (where it reports
-    them) in ``extra["_batches"]``, and the CPU cores the ``others`` (idle systems) used
-    meanwhile."""
+                   duration_s: float, up: Sequence[_Up]) -> _Pass:
+    """One pass of a cell on ``entry``, with the batch totals its server reported meanwhile
+    and the CPU cores the other started systems in ``up`` (idle) used meanwhile."""
     system = entry.system
+    others = [o for o in up if o is not entry]
 
     def totals() -> HistogramTotals | None:
         if system.batch_probe is not None:
             return system.batch_probe()
         return scrape_histogram(system.url, system.batch_metric) if system.batch_metric else None
 
-    before = totals()
-    cpu_before = [tree_cpu_seconds(o.system.server.pid) for o in others]
-    started = time.monotonic()
+    def others_cpu() -> float:
+        return sum(tree_cpu_seconds(o.system.server.pid) for o in others)
+
+    before, cpu_before, started = totals(), others_cpu(), time.monotonic()
     cell = _drive(system, endpoint, concurrency, plan, duration_s, plan.warmup_s)
-    elapsed = time.monotonic() - started
-    others_cpu = sum(tree_cpu_seconds(o.system.server.pid) for o in others) - sum(cpu_before)
+    cores = (others_cpu() - cpu_before) / (time.monotonic() - started) if others else 0.0
     after = totals() if before is not None else None
-    if before is not None and after is not None:
-        cell.extra["_batches"] = after.minus(before)
-    return cell, others_cpu / elapsed if others else 0.0
+    batches = after.minus(before) if before is not None and after is not None else None
+    return _Pass(cell, batches, cores)
 
 
-def _pooled(passes: Sequence[tuple[CellResult, float]]) -> dict[str, Any]:
+def _pooled(passes: Sequence[_Pass]) -> dict[str, Any]:
     """The JSON cell of one or more passes (:func:`bench.loadgen.combine`), with the batch
     sizes over all of them and, when other systems were up, the cores they used meanwhile."""
-    batches = [cell.extra.pop("_batches") for cell, _ in passes if "_batches" in cell.extra]
-    pooled = combine([cell for cell, _ in passes])
+    pooled = combine([p.cell for p in passes])
+    batches = [p.batches for p in passes if p.batches is not None]
     if batches:
         total = batches[0]
         for more in batches[1:]:
             total = total.plus(more)
         pooled.extra.update(batch_summary(total))
     out = pooled.as_dict()
-    if len(passes) > 1 or any(cores for _, cores in passes):
-        out["others_cpu_cores"] = round(max(cores for _, cores in passes), 3)
+    if len(passes) > 1 or any(p.others_cores for p in passes):
+        out["others_cpu_cores"] = round(max(p.others_cores for p in passes), 3)
     return out
 
 
