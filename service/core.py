@@ -182,11 +182,6 @@ class LocalCore:
         metrics.BATCH_RUNS.labels(session="beside" if sessions.beside else "alone").inc()
         return sessions.run_beside(batch)
 
-    @property
-    def session(self) -> OnnxEncoder:
-        """The main session of the served version (:attr:`Sessions.alone`)."""
-        return self.sessions.alone
-
     def open_sessions(self, published: PublishedModel) -> Sessions:
         """:func:`open_core` of ``published``, and its ``beside`` session where it applies
         (CPU provider, ``batch_runs`` > 1, ``0 < beside_intra_op_threads <`` the main

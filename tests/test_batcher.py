@@ -162,7 +162,7 @@ def test_local_core_encodes_like_onnxruntime_and_refuses_a_bad_reload(published,
     np.testing.assert_allclose(packed, reference, rtol=1e-4, atol=1e-4)
     assert ref == {"name": published["name"], "version": published["version"]}
     assert refused["ok"] is False and refused["error"]
-    assert core.session.card.version == published["version"]  # still serving
+    assert core.sessions.card.version == published["version"]  # still serving
 def test_two_runs_overlap_and_the_queue_grows_into_bigger_batches_meanwhile():
     """``runs=2``: two batches run at once (a barrier of two would time out otherwise);
     while both run slots are busy, later callers queue and form one bigger batch."""
