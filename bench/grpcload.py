@@ -12,7 +12,7 @@ import itertools
 import time
 from typing import Any, Sequence
 
-from bench.loadgen import CellResult, logged, summarise
+from bench.loadgen import CellResult, logged, summarise, window_client_cores
 from bench.photos import Photo
 
 GRPC_OPTIONS = [("grpc.max_send_message_length", 64 * 2**20),
@@ -101,12 +101,14 @@ async def _run_cell(target: str, requests: Sequence[Any], concurrency: int, warm
                     await asyncio.sleep(0.5)
 
         tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+        client = asyncio.ensure_future(window_client_cores(warm_end, end))
         _, pending = await asyncio.wait(tasks, timeout=warmup_s + duration_s + drain_s)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        client_cores = await client
     return summarise(records, concurrency, warm_end, end, duration_s,
-                     time.process_time() - cpu0, samples, len(pending))
+                     time.process_time() - cpu0, samples, len(pending), client_cores)
 
 
 def run_cell(target: str, requests: Sequence[Any], concurrency: int, *, warmup_s: float,

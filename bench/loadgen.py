@@ -164,6 +164,7 @@ async def _run_cell(base_url: str, requests: Sequence[HttpRequest], concurrency:
                     await asyncio.sleep(min(retry_after, RETRY_AFTER_CAP_S))
 
         tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+        client = asyncio.ensure_future(window_client_cores(warm_end, end))
         # Requests still queued at the end of the window only matter for the next cell: let
         # them drain for up to ``drain_s``, then cancel them (the cell stays bounded in time).
         _, pending = await asyncio.wait(tasks, timeout=warmup_s + duration_s + drain_s)
@@ -171,8 +172,9 @@ async def _run_cell(base_url: str, requests: Sequence[HttpRequest], concurrency:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         cancelled = len(pending)
+        client_cores = await client
     return summarise(records, concurrency, warm_end, end, duration_s, time.process_time() - cpu0,
-                     samples, cancelled)
+                     samples, cancelled, client_cores)
 
 
 def _percentiles(latencies: np.ndarray) -> dict[str, float]:
@@ -185,13 +187,30 @@ def _percentiles(latencies: np.ndarray) -> dict[str, float]:
             "mean": round(float(np.mean(latencies)), 1)}
 
 
+async def window_client_cores(warm_end: float, end: float) -> float:
+    """Cores this process (the load generator) used between ``warm_end`` and ``end``
+    (``time.perf_counter`` instants): its CPU seconds over that window (``time.process_time``,
+    every thread, grpc's own included) / the window's seconds. Run it as a task beside the
+    cell's clients; it returns at ``end``.
+
+    The load generator shares the machine's cores with the server it drives, while the limit
+    (:mod:`bench.limit`) is measured with nothing else running: this is its share."""
+    await asyncio.sleep(max(0.0, warm_end - time.perf_counter()))
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.sleep(max(0.0, end - time.perf_counter()))
+    return round((time.process_time() - cpu0) / max(time.perf_counter() - t0, 1e-9), 3)
+
+
 def summarise(records: Sequence[tuple[float, float, int | str, int]], concurrency: int,
               warm_end: float, end: float, duration_s: float, cpu_s: float,
-              samples: list[str], cancelled: int) -> CellResult:
+              samples: list[str], cancelled: int,
+              client_cores: float | None = None) -> CellResult:
     """Throughput and latency of the successes completed inside ``[warm_end, end]``.
 
     Args:
         records: ``(start, end, status, images)`` per request; status 200 or ``"OK"`` = ok.
+        client_cores: the load generator's cores inside the window
+            (:func:`window_client_cores`), kept in ``extra["client_cores"]``.
     """
     in_window = [r for r in records if warm_end <= r[1] <= end]
     good = [r for r in in_window if r[2] in (200, "OK")]
@@ -203,7 +222,8 @@ def summarise(records: Sequence[tuple[float, float, int | str, int]], concurrenc
         ok=len(good), errors=len(in_window) - len(good),
         images_per_s=round(images / duration_s, 2), latency_ms=_percentiles(latencies),
         client_cpu_s=round(cpu_s, 2), error_samples=samples,
-        extra={"rejected_overload": rejected, "cancelled_after_window": cancelled},
+        extra={"rejected_overload": rejected, "cancelled_after_window": cancelled,
+               "client_cores": client_cores},
         ok_latencies_ms=latencies, ok_images=images)
 
 
@@ -229,6 +249,9 @@ def combine(passes: Sequence[CellResult]) -> CellResult:
     extra: dict[str, Any] = {
         key: sum(p.extra.get(key, 0) for p in passes)
         for key in ("rejected_overload", "cancelled_after_window")}
+    cores = [(p.extra.get("client_cores"), p.window_s) for p in passes]
+    extra["client_cores"] = (None if any(c is None for c, _ in cores) else
+                             round(sum(c * w for c, w in cores) / window, 3))
     extra["passes"] = [{"images_per_s": p.images_per_s, "p50": p.latency_ms["p50"],
                         "p99": p.latency_ms["p99"], **p.extra} for p in passes]
     return CellResult(

@@ -77,6 +77,16 @@ def beside_limits(result: dict[str, Any]) -> dict[int, dict[str, float]]:
     return beside
 
 
+def _left_by_client(limit: float | None, client_cores: float | None,
+                    cores: int | None) -> float | None:
+    """``limit`` images/s scaled to the cores the load generator left: ``limit x (cores -
+    client_cores) / cores``; None when any is unknown (cells of runs before 2026-12-02
+    07:00 UTC carry no ``client_cores``)."""
+    if limit is None or client_cores is None or not cores:
+        return None
+    return limit * max(cores - client_cores, 0.0) / cores
+
+
 def compute_ratios(result: dict[str, Any]) -> tuple[dict, dict, dict]:
     """The ``ratios`` object, the concurrency beside each, and the targets verdicts.
 
@@ -87,6 +97,10 @@ def compute_ratios(result: dict[str, Any]) -> tuple[dict, dict, dict]:
       (:func:`beside_limits`), the best level's ratio; ``vs_start_of_run_limit`` in the
       verdict is the best level over the limit measured once at the start (what runs
       before the probes reported);
+      ``<key>_left_by_client`` (context): each level against the part of that limit the load
+      generator left, ``limit x (cores - client cores) / cores`` (the client's cores inside
+      the window, ``bench.loadgen.window_client_cores``: it shares the cores with the server,
+      while the limit is measured with nothing else running), the best level's ratio;
       ``service_vs_limit`` (context): the same HTTP figure over the smaller of
       onnxruntime-alone and decode-alone, each given all the cores.
     * ``service_vs_fastapi_torch``: ours / FastAPI + torch eager on ``/embed`` at c=32.
@@ -116,6 +130,7 @@ def compute_ratios(result: dict[str, Any]) -> tuple[dict, dict, dict]:
     shared = limit.get("shared_cores_images_per_s")
     beside = beside_limits(result)
     ours_grpc = _cells(result, "cnn_codes", "grpc_embed")
+    cores = (result.get("machine") or {}).get("cores")
     for key, cells, what in (
             ("service_vs_limit_shared_cores", ours_embed, "HTTP /embed"),
             ("service_grpc_vs_limit_shared_cores", ours_grpc, "gRPC ModelInfer")):
@@ -123,6 +138,11 @@ def compute_ratios(result: dict[str, Any]) -> tuple[dict, dict, dict]:
         at_start = _ratio(top and top["images_per_s"], shared)
         per_level = {c["concurrency"]: _ratio(c["images_per_s"], beside.get(
             c["concurrency"], {}).get("shared_cores_images_per_s")) for c in cells}
+        left = {c["concurrency"]: _ratio(c["images_per_s"], _left_by_client(
+            beside.get(c["concurrency"], {}).get("shared_cores_images_per_s"),
+            c.get("client_cores"), cores)) for c in cells}
+        left_valid = [r for r in left.values() if r is not None]
+        ratios[f"{key}_left_by_client"] = max(left_valid) if left_valid else None
         valid = {c: r for c, r in per_level.items() if r is not None}
         if valid:  # each level against the limit measured beside it
             level = max(valid, key=valid.get)
@@ -135,7 +155,9 @@ def compute_ratios(result: dict[str, Any]) -> tuple[dict, dict, dict]:
         targets[key] = {
             "target": f">= {LIMIT_TARGET} with 0 failed responses", "against": against,
             "value": value, "failed_responses": failed, "per_concurrency": per_level,
-            "vs_start_of_run_limit": at_start,
+            "vs_start_of_run_limit": at_start, "left_by_client_per_concurrency": left,
+            "client_cores_per_concurrency": {c["concurrency"]: c.get("client_cores")
+                                             for c in cells},
             "met": None if value is None else bool(value >= LIMIT_TARGET and not failed)}
 
     ours32 = _at(ours_embed, FASTAPI_CONCURRENCY)
@@ -353,6 +375,14 @@ def markdown(result: dict[str, Any]) -> str:
         if verdict.get("vs_start_of_run_limit") is not None:
             lines.append(f"| `{key}` | {_fmt(verdict['vs_start_of_run_limit'], 3)} | | "
                          "(context: against the limit measured once, at the start) | |")
+    for key in ("service_vs_limit_shared_cores", "service_grpc_vs_limit_shared_cores"):
+        value = result["ratios"].get(f"{key}_left_by_client")
+        if value is not None:
+            cores = result["targets"][key].get("client_cores_per_concurrency", {})
+            shown = ", ".join(f"c={c}: {_fmt(v, 2)}" for c, v in cores.items() if v is not None)
+            lines.append(f"| `{key}_left_by_client` | {_fmt(value, 3)} | | (context: against "
+                         "the part of the limit beside each level that the load generator "
+                         f"left; its cores {shown}) | |")
     lines.append(f"| `service_vs_limit` | "
                  f"{_fmt(result['ratios'].get('service_vs_limit'), 3)} | "
                  f"{_fmt(result['ratios_at_concurrency'].get('service_vs_limit'))}"
