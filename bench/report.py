@@ -81,7 +81,7 @@ def _left_by_client(limit: float | None, client_cores: float | None,
                     cores: int | None) -> float | None:
     """``limit`` images/s scaled to the cores the load generator left: ``limit x (cores -
     client_cores) / cores``; None when any is unknown (cells of runs before 2026-12-02
-    07:00 UTC carry no ``client_cores``)."""
+    06:38 UTC carry no ``client_cores``)."""
     if limit is None or client_cores is None or not cores:
         return None
     return limit * max(cores - client_cores, 0.0) / cores
@@ -136,11 +136,12 @@ def compute_ratios(result: dict[str, Any]) -> tuple[dict, dict, dict]:
             ("service_grpc_vs_limit_shared_cores", ours_grpc, "gRPC ModelInfer")):
         top = max(cells, key=lambda c: c["images_per_s"]) if cells else None
         at_start = _ratio(top and top["images_per_s"], shared)
-        per_level = {c["concurrency"]: _ratio(c["images_per_s"], beside.get(
-            c["concurrency"], {}).get("shared_cores_images_per_s")) for c in cells}
+        limit_at = {c["concurrency"]: beside.get(c["concurrency"], {}).get(
+            "shared_cores_images_per_s") for c in cells}
+        per_level = {c["concurrency"]: _ratio(c["images_per_s"], limit_at[c["concurrency"]])
+                     for c in cells}
         left = {c["concurrency"]: _ratio(c["images_per_s"], _left_by_client(
-            beside.get(c["concurrency"], {}).get("shared_cores_images_per_s"),
-            c.get("client_cores"), cores)) for c in cells}
+            limit_at[c["concurrency"]], c.get("client_cores"), cores)) for c in cells}
         left_valid = [r for r in left.values() if r is not None]
         ratios[f"{key}_left_by_client"] = max(left_valid) if left_valid else None
         valid = {c: r for c, r in per_level.items() if r is not None}
