@@ -17,7 +17,9 @@ here instead:
   ``{"error", "detail"}`` BentoML gives;
 * the images go through the shared pipeline (:class:`service.pipeline.InferencePipeline`) and
   the shared post stage (:mod:`service.responses`), exactly as the BentoML route does
-  (:meth:`service.service.CNNCodes.answer`).
+  (:meth:`service.service.CNNCodes.answer`); its JSON bytes, written from the numpy rows, are
+  the answer, with no response model built and dumped (the BentoML route parses them into
+  its declared model, which BentoML then validates and dumps again).
 
 Read as BentoML reads them: text fields are JSON-decoded when they parse (:func:`field_value`,
 BentoML's own client JSON-encodes every field) and file names keep their last path component
@@ -177,8 +179,8 @@ class Answering(Protocol):
     """What the front needs of the service (:class:`service.service.CNNCodes`)."""
 
     async def answer(self, endpoint: str, payloads: list[bytes], filenames: list[str | None],
-                     **options: Any) -> BaseModel:
-        """Run the images through the pipeline; the route's response model."""
+                     **options: Any) -> bytes:
+        """Run the images through the pipeline; the route's JSON answer (UTF-8)."""
         ...
 
 
@@ -210,12 +212,12 @@ class HttpFront:
         except ValidationError as exc:
             return validation_error_response(exc)
         try:
-            model = await self._service().answer(
+            answer = await self._service().answer(
                 path.lstrip("/"), [data for _, data in files], names, **options)
         except CNNCodesError:
             raise
         except Exception:  # a bug or a dead inference core: logged, a JSON 500, worker goes on
             logger.exception("%s failed", path)
             raise CNNCodesError("internal", f"{path} failed unexpectedly (logged)") from None
-        return Response(model.model_dump_json().encode(), media_type="application/json")
+        return Response(answer, media_type="application/json")
 

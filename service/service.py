@@ -48,7 +48,7 @@ from service.kserve.http import routes as kserve_routes  # noqa: E402
 from service.page import routes as page_routes  # noqa: E402
 from service.pipeline import InferencePipeline  # noqa: E402
 from service.request_metrics import RequestMetricsMiddleware  # noqa: E402
-from service.responses import classify_response, embed_response  # noqa: E402
+from service.responses import answer_json  # noqa: E402
 from service.schemas import (ClassifyResponse, EmbedResponse, Layer, VectorDType,  # noqa: E402
                              VectorEncoding)
 from service.search_route import IndexHolder, SearchResponse  # noqa: E402
@@ -56,7 +56,9 @@ from service.search_route import search as search_route  # noqa: E402
 from service.served import ModelHolder, Reloader, canary  # noqa: E402
 
 logger = logging.getLogger("cnn_codes.service")
-RESPONSES = {"classify": classify_response, "embed": embed_response}  # the post stages
+#: the response model of each endpoint (the answer is written by service.responses)
+RESPONSE_MODELS: dict[str, type[BaseModel]] = {"classify": ClassifyResponse,
+                                               "embed": EmbedResponse}
 #: excluded from tracing unless ``trace_requests`` (regular expressions, OpenTelemetry's form)
 TRACED_IMAGE_ROUTES = ("/classify", "/embed", "/search", "/v2/models/.*/infer")
 
@@ -170,10 +172,13 @@ class CNNCodes:
         await kserve_grpc.stop(self)
 
     async def answer(self, endpoint: str, payloads: Sequence[bytes | Path],
-                     filenames: Sequence[str | None], **options: Any) -> BaseModel:
+                     filenames: Sequence[str | None], **options: Any) -> bytes:
         """``/classify`` or ``/embed``: the images through the shared pipeline, then the
         endpoint's post stage (:mod:`service.responses`). Both fronts call it: BentoML's routes
         below and the in-memory front (:mod:`service.front`).
+
+        Returns:
+            the JSON answer, UTF-8 (the fields of the endpoint's response model).
 
         Args:
             endpoint: ``classify`` or ``embed``.
@@ -188,7 +193,7 @@ class CNNCodes:
             RequestError: ``no_images`` / ``too_many_images``.
         """
         result = await self.pipeline.run(payloads, endpoint=endpoint)
-        return RESPONSES[endpoint](result, filenames, **options)
+        return answer_json(endpoint, result, filenames, **options)
 
     async def _route(self, endpoint: str, images: list[Path], **options: Any) -> BaseModel:
         """:meth:`answer` for a BentoML route (its uploads are temp files).
@@ -197,10 +202,12 @@ class CNNCodes:
             BentoMLException: ``no_images`` / ``too_many_images`` with the table's status.
         """
         try:
-            return await self.answer(endpoint, images, [client_filename(p) for p in images],
-                                     **options)
+            answer = await self.answer(endpoint, images, [client_filename(p) for p in images],
+                                       **options)
         except CNNCodesError as exc:
             raise bentoml_compat.to_bentoml(exc) from None
+        # BentoML re-validates what a route returns against its declared output model
+        return RESPONSE_MODELS[endpoint].model_validate_json(answer)
 
     @bentoml.api(route="/classify")
     async def classify(

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from PIL import Image
 
@@ -21,8 +22,8 @@ from cnn_codes.settings import Settings
 from conftest import REPO_ROOT, base_env
 from models.decode import DecodeLimits, decode_batch, decode_image, read_file
 from models.errors import ERRORS, IMAGE_ERROR_CODES, ImageError, RequestError
-from models.postprocess import (cosine_rows, decode_vector, encode_vector, json_numbers,
-                                l2_normalize, prepare_vectors, softmax, top_k)
+from models.postprocess import (cosine_rows, decode_vector, encode_vector, json_bytes,
+                                json_numbers, l2_normalize, prepare_vectors, softmax, top_k)
 from models.preprocessing import PreprocessSpec
 
 SPEC = PreprocessSpec(resize_size=64, crop_size=56, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
@@ -125,7 +126,9 @@ def test_postprocess():
     assert half.dtype == np.dtype("<f2")
     np.testing.assert_array_equal(decode_vector(encode_vector(half[0], "base64"), "float16"),
                                   half[0])
-    assert encode_vector(half[0], "list") == pytest.approx([0.6, 0.8], abs=1e-3)
+    listed = encode_vector(half[0], "list")  # the row itself, for json_bytes
+    assert listed.dtype == np.dtype("<f2") and listed.flags.c_contiguous
+    assert orjson.loads(json_bytes({"v": listed}))["v"] == pytest.approx([0.6, 0.8], abs=1e-3)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -135,8 +138,8 @@ def test_json_numbers_are_the_shortest_that_read_back_bit_for_bit(dtype):
     rng = np.random.default_rng(0)
     row = prepare_vectors(rng.standard_normal((1, 1280)).astype(np.float32), normalize=True,
                           dtype=dtype)[0]
-    numbers = encode_vector(row, "list")
-    text = json.dumps(numbers)
+    text = json_bytes(encode_vector(row, "list")).decode()
+    assert json_numbers(row) == json.loads(text)  # the same numbers either way
     back = np.asarray(json.loads(text), dtype=row.dtype)
     np.testing.assert_array_equal(back.view(np.uint8), row.view(np.uint8))
     widened = json.dumps(row.tolist())
