@@ -105,6 +105,12 @@ class Settings(BaseSettings):
         http_max_connections: open HTTP connections per API worker; a new connection above it
             closes the longest-idle one (or itself if none is idle). Capped at the process's
             open-file limit less 256, which the service raises to the hard limit at start-up.
+        http_read_high_water_bytes: bytes of a request body uvicorn buffers per connection
+            before it stops reading the socket until the app has taken them (uvicorn's own
+            mark is 64 KiB, below most photos, so almost every upload paused and resumed the
+            socket: an epoll unregister and register per request on the event loop). The
+            Gateway holds the whole body in memory anyway, up to ``max_request_bytes``. See
+            :func:`service.bentoml_compat.set_read_high_water`.
         max_request_bytes: request body limit, bytes (413 above it).
         min_image_side: images with a side shorter than this, pixels, are ``too_small``.
         max_file_bytes: largest encoded image file, bytes, on every path (``too_large``
@@ -188,6 +194,7 @@ class Settings(BaseSettings):
     http_idle_timeout_s: float = Field(default=5.0, gt=0)
     http_header_timeout_s: float = Field(default=10.0, gt=0)
     http_max_connections: int = Field(default=4096, ge=16)
+    http_read_high_water_bytes: int = Field(default=1024 * 1024, ge=65536)
     max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     min_image_side: int = Field(default=8, ge=1)
     max_file_bytes: int = Field(default=32 * 1024 * 1024, ge=1)

@@ -261,6 +261,7 @@ bentoml_compat.raise_nofile_limit()
 bentoml_compat.install_connection_limits(SETTINGS.http_idle_timeout_s,
                                          SETTINGS.http_header_timeout_s,
                                          SETTINGS.http_max_connections)
+bentoml_compat.set_read_high_water(SETTINGS.http_read_high_water_bytes)
 bentoml_compat.install_bounded_endpoint_labels()
 CNNCodes.add_asgi_middleware(RequestMetricsMiddleware)  # outermost: counts every answer
 CNNCodes.add_asgi_middleware(ErrorEnvelopeMiddleware)

@@ -298,3 +298,61 @@ def test_connections_above_the_bound_close_the_longest_idle(published: dict,
         for sock in sockets:
             sock.close()
         srv.stop()
+
+
+def _pauses_reading(body_bytes: int) -> bool:
+    """Feed uvicorn's real h11 protocol one request with a ``body_bytes`` body in one
+    ``data_received`` (the app never reads it) and say whether it paused the socket."""
+    import asyncio
+    from unittest import mock
+
+    from uvicorn.config import Config
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.server import ServerState
+
+    async def app(scope, receive, send):  # holds the request without reading its body
+        await asyncio.sleep(3600)
+
+    loop = asyncio.new_event_loop()
+    try:
+        proto = H11Protocol(Config(app=app, http="h11", lifespan="off"), ServerState(), {},
+                            _loop=loop)
+        transport = mock.MagicMock()
+        transport.is_closing.return_value = False
+        addresses = {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 3000)}
+        transport.get_extra_info.side_effect = lambda name, default=None: addresses.get(
+            name, default)
+        proto.connection_made(transport)
+        head = (b"POST /embed HTTP/1.1\r\nhost: test\r\ncontent-type: image/jpeg\r\n"
+                b"content-length: %d\r\n\r\n" % body_bytes)
+        proto.data_received(head + b"\xff" * body_bytes)
+        return transport.pause_reading.called
+    finally:
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.close()
+
+
+def test_read_high_water_lets_a_photo_in_without_pausing_the_socket():
+    """Piece 10: uvicorn pauses a connection's socket above its 64 KiB read buffer; a typical
+    photo (median 107 KiB in the sample data) no longer does, a body above the raised mark
+    still does, and a mark below uvicorn's own is refused."""
+    from uvicorn.protocols.http import flow_control, h11_impl
+
+    from cnn_codes.settings import Settings
+    from service.bentoml_compat import set_read_high_water
+
+    before = h11_impl.HIGH_WATER_LIMIT
+    try:
+        set_read_high_water(flow_control.HIGH_WATER_LIMIT)  # uvicorn's own
+        assert _pauses_reading(200_000)
+        limit = Settings().http_read_high_water_bytes
+        assert set_read_high_water(limit) == limit == h11_impl.HIGH_WATER_LIMIT
+        assert not _pauses_reading(200_000)
+        assert _pauses_reading(limit + 100_000)  # flow control still bounds a connection
+        with pytest.raises(ValueError, match="below uvicorn"):
+            set_read_high_water(1000)
+    finally:
+        h11_impl.HIGH_WATER_LIMIT = before

@@ -26,6 +26,9 @@ package and nothing else (one small module per piece: ``batching``, ``uploads``,
    hanging when the Encoder is frozen or restarting (``_bentoml_impl/server/app.py``
    ``readyz``, ``_bentoml_impl/client/proxy2.py`` ``AsyncClient.is_ready``,
    ``bentoml/_internal/server/http/traffic.py`` ``TimeoutMiddleware``).
+10. :func:`set_read_high_water`: uvicorn's per-connection read buffer before it pauses the
+   socket (``uvicorn/protocols/http/flow_control.py`` ``HIGH_WATER_LIMIT``, 0.54.0), raised
+   from 64 KiB so that a photo upload does not pause and resume its socket.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ RUNNER_CONNECTION = {"max_requests": 2**31 - 1, "max_age": 1e12}
 # The pieces, one module each (imported here so callers use one name: service.bentoml_compat).
 from service.bentoml_compat.batching import cap_learned_wait  # noqa: E402
 from service.bentoml_compat.connections import (install_connection_limits,  # noqa: E402
-                                                raise_nofile_limit)
+                                                raise_nofile_limit, set_read_high_water)
 from service.bentoml_compat.errors import ErrorEnvelopeMiddleware, to_bentoml  # noqa: E402
 from service.bentoml_compat.labels import install_bounded_endpoint_labels  # noqa: E402
 from service.bentoml_compat.readiness import READINESS_PATHS, bounded_readiness  # noqa: E402
@@ -76,4 +79,4 @@ __all__ = ["CHECKED_BENTOML_VERSION", "MAX_FILENAME_BYTES", "READINESS_PATHS",
            "RUNNER_CONNECTION", "ErrorEnvelopeMiddleware", "NoFetchJSONSerde",
            "NoFetchMultipartSerde", "bounded_readiness", "cap_learned_wait", "check_version",
            "client_filename", "install_bounded_endpoint_labels", "install_connection_limits",
-           "install_no_fetch", "raise_nofile_limit", "to_bentoml"]
+           "install_no_fetch", "raise_nofile_limit", "set_read_high_water", "to_bentoml"]
