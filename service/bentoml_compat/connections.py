@@ -175,6 +175,23 @@ def _patch_protocol(cls: type, limits: dict[str, float]) -> None:
     setattr(cls, _CONN_MARK, limits)
 
 
+def _http11_protocols() -> list[tuple[t.Any, type]]:
+    """uvicorn's HTTP/1.1 protocol modules and classes: h11's, and httptools' when installed."""
+    import importlib
+
+    found = []
+    for module_name, class_name in (("h11_impl", "H11Protocol"),
+                                    ("httptools_impl", "HttpToolsProtocol")):
+        try:
+            module = importlib.import_module(f"uvicorn.protocols.http.{module_name}")
+        except ImportError:  # httptools not installed: uvicorn uses h11
+            if module_name == "h11_impl":
+                raise
+            continue
+        found.append((module, getattr(module, class_name)))
+    return found
+
+
 def install_connection_limits(idle_timeout_s: float, header_timeout_s: float,
                               max_connections: int) -> int:
     """Patch uvicorn's HTTP/1.1 protocols (h11, and httptools when installed) as described
@@ -183,21 +200,12 @@ def install_connection_limits(idle_timeout_s: float, header_timeout_s: float,
     A second call only updates the numbers."""
     import resource
 
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY:
         max_connections = min(max_connections, max(16, soft - FD_RESERVE))
     limits = {"idle_timeout_s": idle_timeout_s, "header_timeout_s": header_timeout_s,
               "max_connections": max_connections}
-    classes: list[type] = [H11Protocol]
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # httptools not installed: uvicorn uses h11
-        pass
-    else:
-        classes.append(HttpToolsProtocol)
-    for cls in classes:
+    for cls in (protocol for _, protocol in _http11_protocols()):
         current = getattr(cls, _CONN_MARK, None)
         if current is not None:
             current.update(limits)
@@ -220,7 +228,7 @@ def install_connection_limits(idle_timeout_s: float, header_timeout_s: float,
 # itself and exposes no such option; uvicorn has none either (a module constant).
 # Measured (``bench.threadcpu --protocol http --concurrency 32 --seconds 10 --env
 # HTTP_READ_HIGH_WATER_BYTES=65536|1048576``, bench model, three alternations in the order
-# A B B A A B, 2026-12-06 23:42-23:47 UTC): event-loop CPU 1.25 / 1.23 / 1.33 ms per image with
+# A B B A A B, 2026-12-06 23:41-23:43 UTC): event-loop CPU 1.25 / 1.23 / 1.33 ms per image with
 # uvicorn's 64 KiB, 1.08 / 1.28 / 1.25 with 1 MiB (means 1.27 vs 1.20); images/s 209.8 / 214.5 /
 # 195.9 vs 227.9 / 201.3 / 198.1 (means 206.7 vs 209.1: within this machine's noise). A small
 # saving of the thread that separates the HTTP front from gRPC, kept because it costs nothing:
@@ -233,18 +241,11 @@ def set_read_high_water(limit: int) -> int:
     Raises:
         ValueError: ``limit`` below uvicorn's own 64 KiB.
     """
-    from uvicorn.protocols.http import flow_control, h11_impl
+    from uvicorn.protocols.http import flow_control
 
     if limit < flow_control.HIGH_WATER_LIMIT:
         raise ValueError(f"read high-water mark {limit} is below uvicorn's "
                          f"{flow_control.HIGH_WATER_LIMIT} bytes")
-    modules: list[t.Any] = [h11_impl]
-    try:
-        from uvicorn.protocols.http import httptools_impl
-    except ImportError:  # httptools not installed: uvicorn uses h11
-        pass
-    else:
-        modules.append(httptools_impl)
-    for module in modules:
+    for module, _ in _http11_protocols():
         module.HIGH_WATER_LIMIT = limit
     return limit
