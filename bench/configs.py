@@ -10,6 +10,7 @@ usage (from the repository root, with a published model, e.g. after ``make model
     .venv/bin/python -m bench.configs                       # the default set below
     .venv/bin/python -m bench.configs "name:KEY=V,KEY=V" ... # your own
     .venv/bin/python -m bench.configs --protocols http,grpc ...
+    .venv/bin/python -m bench.configs --rounds 3 "a:" "b:KEY=V"  # A B, B A, A B + means
 
 Environment: ``REPOSITORY`` (default ``model_repository``), ``MODEL`` (default ``default``),
 ``CNN_CODES_SAMPLE_DATA``. Prints one line per cell and writes ``bench/results/configs.json`` (or ``--out``).
@@ -61,6 +62,36 @@ def parse(config: str) -> tuple[str, dict[str, str]]:
     return name, settings_env(pairs.split(","))
 
 
+def schedule(configs: Sequence[str], rounds: int) -> list[tuple[str, str]]:
+    """``(run name, config)`` for ``rounds`` rounds of ``configs``, every second round in
+    reverse order (A B, B A, A B, ...), so that a machine drifting during the comparison moves
+    every configuration alike instead of always favouring the one run first; with one round the
+    configurations as given, under their own names, else ``name_rN``."""
+    if rounds <= 1:
+        return [(parse(config)[0], config) for config in configs]
+    plan = []
+    for index in range(rounds):
+        for config in (configs if index % 2 == 0 else list(reversed(configs))):
+            plan.append((f"{parse(config)[0]}_r{index + 1}", config))
+    return plan
+
+
+def means(results: dict[str, Any], rounds: int) -> list[str]:
+    """Per configuration, protocol and concurrency: mean images/s and p50 over the rounds
+    (lines to print; empty with one round)."""
+    if rounds <= 1:
+        return []
+    cells: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
+    for run, entry in results["configs"].items():
+        name = run.rsplit("_r", 1)[0]
+        for cell in entry["cells"]:
+            cells.setdefault((name, cell["protocol"], cell["concurrency"]), []).append(
+                (cell["images_per_s"], cell["latency_ms"]["p50"]))
+    return [f"{name:16s} {protocol:4s} c={c:<3d} {sum(v[0] for v in got) / len(got):7.1f} "
+            f"images/s  p50 {sum(v[1] for v in got) / len(got):6.1f} ms  (mean of {len(got)})"
+            for (name, protocol, c), got in cells.items()]
+
+
 def protocol_requests(photos: Sequence[Photo], model: str, protocols: Iterable[str]
                       ) -> dict[str, list[Any]]:
     """One request per photo for each protocol: HTTP multipart ``/embed``, gRPC
@@ -91,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--protocols", default="http", help="http, grpc or http,grpc")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the configurations this many times, alternating their order "
+                             "(A B, B A, ...), and print the means")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     photos = load_photos(Path(os.environ.get("CNN_CODES_SAMPLE_DATA", DEFAULT_DATA)))
@@ -99,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     protocols = args.protocols.split(",")
     requests = protocol_requests(photos, model, protocols)
     results = {"machine": machine_info(), "model": model, "configs": {}}
-    for config in args.configs:
-        name, env = parse(config)
+    for name, config in schedule(args.configs, args.rounds):
+        env = parse(config)[1]
         server = Server(repository, model, Path(tempfile.mkdtemp(prefix="cnn-codes-cfg-")), **env)
         try:
             server.wait_ready(300)
@@ -117,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         results["configs"][name] = {"env": env, "cells": cells}
     args.out.write_text(json.dumps(results, indent=1) + "\n")
+    for line in means(results, args.rounds):
+        print(line)
     return 0
 
 
