@@ -107,7 +107,8 @@ def bench_model(name: str, args, work: Path) -> dict:
     del model
     t1 = time.perf_counter()
     int8 = work / f"{name}.int8.onnx"
-    conversion = quantize_int8(fp32, int8, train_images, options=Int8Options())
+    conversion = quantize_int8(fp32, int8, train_images,
+                               options=Int8Options(reduce_range=args.reduce_range))
     t2 = time.perf_counter()
     check = compare_variant(fp32, int8, val_images, precision="int8",
                             source=str(args.data / "val"))
@@ -200,6 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also convert to fp16 and time it on the CPU provider (slow)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 16 calibration / 16 check photos, 1 round, 0.3 s")
+    parser.add_argument("--reduce-range", action="store_true",
+                        help="int8 weights in the 7-bit range (export's --int8-reduce-range)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]

@@ -53,18 +53,20 @@ class Int8Options:
             of the multiply-adds, the head decides the outputs' resolution.
         exclude_logits: keep (at least) the final classifier producing ``logits`` float.
         batch_size: images per calibration batch.
-        reduce_range: int8 weights in the 7-bit range [-64, 63] (onnxruntime's
-            ``reduce_range``). onnxruntime's u8s8 kernels on x86 CPUs without VNNI (AVX2, AVX-512
-            without VNNI) add pairs of uint8 x int8 products in int16 (``VPMADDUBSW``), which
-            saturates with full-range weights; 7-bit weights cannot (2 x 255 x 64 < 32,767), so
-            the published int8 model gives the same answers on every x86 host, not only on the
-            VNNI host that checked it (https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html,
-            "When and why do I need to try U8U8?"). Cost measured on a VNNI host (this repo's
-            1-epoch MobileNetV3-Small test fixture, 153 val photos, 32 calibration photos,
-            ``/tmp/rr.py`` of 2026-12-06): embedding cosine mean 0.9775 vs 0.9793, min 0.941 vs
-            0.950, top-1 agreement 99.3 vs 96.7 %. The test fixture's int8 check fell to cosine
-            min 0.45 (mean 0.90) on one CI host with full-range weights (2026-12-02) while it is
-            0.95 here.
+        reduce_range: int8 weights in the range [-64, 64] (onnxruntime's
+            ``reduce_range``; off by default). onnxruntime's u8s8 kernels on x86 CPUs without
+            VNNI (AVX2, AVX-512 without VNNI) add pairs of uint8 x int8 products in int16
+            (``VPMADDUBSW``), which can saturate with full-range weights; 7-bit weights cannot
+            (2 x 255 x 64 < 32,767), so a model checked on one x86 host answers the same on
+            every other (https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html,
+            "When and why do I need to try U8U8?"). It costs accuracy on VNNI hosts, where
+            nothing saturates: ``make bench-precision`` on 2026-12-07 (VNNI host) gave VGG16
+            embedding cosine mean 0.99886 and top-1 agreement 96.7 % with it against 0.99952
+            and 99.3 % without, MobileNetV3-Large cosine min 0.757 against 0.882. So the
+            default is full range, and the card records the CPU the check ran on
+            (:func:`int8_dot_product`); export with ``--int8-reduce-range`` for fleets with
+            older CPUs. The test fixture's int8 check gave cosine min 0.45 on one CI host on
+            2026-12-02 and 0.95 on this one.
     """
 
     per_channel: bool = True
@@ -72,7 +74,7 @@ class Int8Options:
     float_head: bool = True
     exclude_logits: bool = False
     batch_size: int = 8
-    reduce_range: bool = True
+    reduce_range: bool = False
 
 
 class ImageCalibrationReader:
@@ -97,6 +99,27 @@ class ImageCalibrationReader:
 
     def __len__(self) -> int:
         return -(-len(self.images) // self.batch_size)
+
+
+def int8_dot_product() -> str:
+    """How this host's CPU multiplies uint8 by int8 in onnxruntime's kernels: ``vnni`` (AVX-512
+    VNNI or AVX-VNNI: 32-bit accumulation, no saturation), ``no-vnni`` (an x86 CPU without it:
+    16-bit pair sums that full-range weights can saturate), or ``unknown`` (no
+    ``/proc/cpuinfo`` flags, e.g. not Linux or not x86)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    if not flags:
+        return "unknown"
+    if flags & {"avx512_vnni", "avx_vnni"}:
+        return "vnni"
+    return "no-vnni" if "avx2" in flags or "sse4_1" in flags else "unknown"
 
 
 def _calibration_reader(images: np.ndarray, batch_size: int):
@@ -216,6 +239,9 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, *,
             "weights": ("int8 per-channel" if options.per_channel else "int8 per-tensor")
             + (", 7-bit range" if options.reduce_range else ""),
             "reduce_range": options.reduce_range,
+            # the CPU the variant check runs on (this process): whether its figures would hold
+            # on a host whose kernels saturate (see Int8Options.reduce_range)
+            "checked_on_int8_dot_product": int8_dot_product(),
             "activations": "uint8 asymmetric", "calibrate_method": options.calibrate_method,
             "calibration_images": int(len(calibration)), "float_head": options.float_head,
             "float_nodes": sorted(n for n in excluded if n),

@@ -67,7 +67,8 @@ def test_int8_is_published_with_its_figures(int8_model, data_dir):
     assert check.conversion["calibration_images"] == 32
     assert check.conversion["calibration_source"] == str(data_dir / "train")
     assert check.conversion["float_head"] is True
-    assert check.conversion["reduce_range"] is True  # 7-bit weights: no u8s8 saturation
+    assert check.conversion["reduce_range"] is False  # full-range weights by default
+    assert check.conversion["checked_on_int8_dot_product"] in {"vnni", "no-vnni", "unknown"}
     assert result["variant_check"]["embedding_cosine_mean"] == check.embedding_cosine_mean
     # the interface the service relies on is the fp32 one
     assert [(t.name, t.dtype, t.shape) for t in card.inputs] == [("images", "uint8",
@@ -210,6 +211,30 @@ def test_quantize_int8_on_a_constructed_graph(tmp_path):
     gemms = [n for n in quantized.graph.node if n.op_type == "Gemm"]
     assert len(gemms) == 2 and all(n.input[1] in dq_outputs for n in gemms)
     check_interface(tmp_path / "fp32.onnx", tmp_path / "int8-head.onnx")
+
+
+def test_reduce_range_keeps_int8_weights_within_seven_bits(tmp_path):
+    """``--int8-reduce-range`` (``Int8Options.reduce_range``): every int8 weight in [-64, 64],
+    so onnxruntime's u8s8 kernels on CPUs without VNNI cannot saturate; the default uses the
+    full range. Both record it, and the CPU the check ran on, for the card."""
+    tiny_model(tmp_path / "fp32.onnx")
+    calibration = np.random.default_rng(2).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    ranges = {}
+    for reduce_range in (False, True):
+        out = tmp_path / f"int8-{reduce_range}.onnx"
+        info = quantize_int8(tmp_path / "fp32.onnx", out, calibration,
+                             options=Int8Options(batch_size=4, reduce_range=reduce_range))
+        assert info["reduce_range"] is reduce_range
+        assert info["checked_on_int8_dot_product"] in {"vnni", "no-vnni", "unknown"}
+        weights = [w for w in (numpy_helper.to_array(i)
+                               for i in onnx.load(str(out)).graph.initializer
+                               if i.data_type == TensorProto.INT8)
+                   if w.ndim == 4]  # the conv kernels (not their int8 zero points)
+        assert len(weights) == 2
+        ranges[reduce_range] = (min(int(w.min()) for w in weights),
+                                max(int(w.max()) for w in weights))
+    assert ranges[True][0] >= -64 and ranges[True][1] <= 64  # onnxruntime: (-64, 64)
+    assert ranges[False][0] < -64 or ranges[False][1] > 64  # symmetric: the largest |w| -> 127
 
 
 def test_thresholds_name_every_missed_metric():

@@ -38,9 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--int8-quantize-head", action="store_true",
                    help="int8: quantise the dense head too (smaller file, e.g. VGG16 fc6/fc7; "
                         "default: float after the last conv)")
-    p.add_argument("--int8-full-range", action="store_true",
-                   help="int8: 8-bit weights instead of the default 7-bit range, which keeps "
-                        "CPUs without VNNI from saturating (see export.quantize.Int8Options)")
+    p.add_argument("--int8-reduce-range", action="store_true",
+                   help="int8: 7-bit weights, so that x86 CPUs without VNNI cannot saturate "
+                        "(slightly less accurate on CPUs with VNNI; see "
+                        "export.quantize.Int8Options)")
     p.set_defaults(func=run)
     return p
 
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             variant_thresholds=VariantThresholds.from_settings(settings),
             int8_options=Int8Options(calibrate_method=args.calibrate_method,
                                      float_head=not args.int8_quantize_head,
-                                     reduce_range=not args.int8_full_range),
+                                     reduce_range=args.int8_reduce_range),
         )
     except VariantRejectedError as exc:
         report_error(f"cnn-codes export: {exc}")
