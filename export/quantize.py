@@ -60,7 +60,8 @@ class Int8Options:
             (2 x 255 x 64 < 32,767), so a model checked on one x86 host answers the same on
             every other (https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html,
             "When and why do I need to try U8U8?"). It costs accuracy on VNNI hosts, where
-            nothing saturates: ``make bench-precision`` on 2026-12-07 (VNNI host) gave VGG16
+            nothing saturates: ``make bench-precision`` on 2026-12-07 (VNNI host), once with 7-bit
+            weights (what ``PRECISION_ARGS=--reduce-range`` runs) and once without, gave VGG16
             embedding cosine mean 0.99886 and top-1 agreement 96.7 % with it against 0.99952
             and 99.3 % without, MobileNetV3-Large cosine min 0.757 against 0.882. So the
             default is full range, and the card records the CPU the check ran on

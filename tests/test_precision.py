@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import CLI, REPO_ROOT, base_env, last_json_line
 from export.quantize import (Int8Options, VariantThresholds, check_interface, compare_variant,
                              convert_fp16, head_nodes, load_images, normalisation_prefix,
-                             quantize_int8)
+                             quantize_int8, thresholds_dict)
 from models.card import ModelCard, VariantCheck
 from models.repository import list_versions, resolve
 
@@ -24,10 +24,11 @@ from models.repository import list_versions, resolve
 # publish path is tested with thresholds any working int8 model meets, and the figures are
 # checked against the thresholds the card records; the rejection path with the defaults
 # tightened.
-RELAXED = {"CNN_CODES_VARIANT_MIN_COSINE": "0.8", "CNN_CODES_VARIANT_MIN_COSINE_FLOOR": "0.3",
-           "CNN_CODES_VARIANT_MIN_TOP1_AGREEMENT": "0.6", "CNN_CODES_VARIANT_MAX_PROB_DIFF": "0.5"}
-RELAXED_THRESHOLDS = {"min_cosine": 0.8, "min_cosine_floor": 0.3, "min_top1_agreement": 0.6,
-                      "max_prob_diff": 0.5}
+RELAXED_THRESHOLDS = thresholds_dict(VariantThresholds(
+    min_cosine=0.8, min_cosine_floor=0.3, min_top1_agreement=0.6, max_prob_diff=0.5))
+# the same thresholds as the settings the export command reads (CNN_CODES_VARIANT_<FIELD>)
+RELAXED = {f"CNN_CODES_VARIANT_{field.upper()}": str(value)
+           for field, value in RELAXED_THRESHOLDS.items()}
 
 
 def variant_export(run_dir: Path, repository: Path, precision: str, **env: str):
