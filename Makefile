@@ -90,8 +90,8 @@ $(TRITON_VENV)/.installed-stamp: $(STAMP)
 	$(TRITON_VENV)/bin/python -m pip install --quiet nvidia-pytriton==0.7.0 $(PEER_DEPS)
 	touch $@
 
-## Ray Serve in its own venv: ray[serve] pulls uvicorn[standard] (uvloop, httptools) and a newer
-## FastAPI, which in .venv would change the servers of our service and of the FastAPI baseline.
+## Ray Serve in its own venv: ray[serve] pulls a newer FastAPI, which in .venv would change the
+## FastAPI baseline (uvloop and httptools, which it also pulls, are in .venv too since 2026-12-07).
 ## python-multipart (the bench extra's pin) parses the multipart uploads in the replica.
 bench-ray-serve: $(RAY_SERVE_VENV)/.installed-stamp
 

@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from bench.model import _cli
 from bench.photos import IMAGE_SUFFIXES
@@ -82,7 +82,8 @@ def _run(manifest: Path, out: Path, repository: Path, model_ref: str, shard_size
 def measure(data_dir: Path, repository: Path, model_ref: str, work_dir: Path, *,
             sizes: Sequence[int] = (512, 4608), shard_size: int = 256,
             configs: Sequence[tuple[str, int | None]] = CONFIGS,
-            timeout_s: float = 1800) -> dict[str, Any]:
+            timeout_s: float = 1800,
+            probe: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Images/s of ``cnn-codes embed`` per configuration, start-up excluded (module docstring).
 
     Args:
@@ -96,11 +97,19 @@ def measure(data_dir: Path, repository: Path, model_ref: str, work_dir: Path, *,
             actor idle would make the difference count that actor's images as free.
         configs: ``(engine, actors)`` pairs.
         timeout_s: per job.
+        probe: measures the limit again (:func:`bench.limit.probe`); when given it runs before
+            the first configuration and after each one, and every configuration's row holds
+            the probes around it (``probes``) and the mean of their shared-cores limits
+            (``limit_beside_images_per_s``), as the service's cells are set against the probes
+            beside them: this machine's speed moves by a quarter within minutes, so the
+            start-of-run limit, measured a minute or more before the job, mixes the job's speed
+            with the moment.
 
     Returns:
         ``{"sizes", "shard_size", "configs": {label: {"images_per_s", "startup_s", "runs":
-        {"small": ..., "large": ...}, ...}}}``; a configuration that failed
-        holds ``{"status": "failed", "reason"}`` and the others are still measured.
+        {"small": ..., "large": ...}, "probes"?, "limit_beside_images_per_s"?, ...}}}``; a
+        configuration that failed holds ``{"status": "failed", "reason"}`` and the others are
+        still measured.
     """
     small, large = sizes
     round_size = shard_size * max([a or 1 for _, a in configs])
@@ -110,6 +119,7 @@ def measure(data_dir: Path, repository: Path, model_ref: str, work_dir: Path, *,
     folder = work_dir / "batch-job"
     manifests = {n: write_manifest(data_dir, folder, n) for n in (small, large)}
     rows: dict[str, Any] = {}
+    before = probe() if probe is not None else None
     for engine, actors in configs:
         label = "local" if engine == "local" else f"ray_{actors}_actor" + ("s" if actors != 1
                                                                           else "")
@@ -122,6 +132,7 @@ def measure(data_dir: Path, repository: Path, model_ref: str, work_dir: Path, *,
             rows[label] = {"status": "failed", "engine": engine, "ray_actors": actors,
                            "reason": f"{type(exc).__name__}: {exc}"[:3000]}
             continue
+        after = probe() if probe is not None else None
         delta_images = runs["large"]["images"] - runs["small"]["images"]
         delta_s = runs["large"]["job_seconds"] - runs["small"]["job_seconds"]
         rate = delta_images / delta_s if delta_s > 0 else None
@@ -132,6 +143,11 @@ def measure(data_dir: Path, repository: Path, model_ref: str, work_dir: Path, *,
             "startup_s": None if rate is None else
             round(runs["small"]["job_seconds"] - runs["small"]["images"] / rate, 2),
             "runs": runs}
+        if before is not None and after is not None:
+            rows[label]["probes"] = {"before": before, "after": after}
+            rows[label]["limit_beside_images_per_s"] = round(
+                (before["shared_cores_images_per_s"] + after["shared_cores_images_per_s"]) / 2, 1)
+            before = after
         logger.info("batch job %s: %s images/s start-up excluded (%d images: %.2f s, %d: %.2f s)",
                     label, rows[label]["images_per_s"], runs["small"]["images"],
                     runs["small"]["job_seconds"], runs["large"]["images"],

@@ -113,7 +113,9 @@ def compute_ratios(result: dict[str, Any]) -> tuple[dict, dict, dict]:
     * ``c1_latency_vs_alone``: our c=1 ``/embed`` p50 over decode + onnxruntime batch 1,
       each alone, measured beside the c=1 cells (the start-of-run figure in the verdict).
     * ``batch_job_vs_limit_shared_cores``: ``cnn-codes embed`` (local engine, start-up
-      excluded) / the shared-cores pipeline limit; ``batch_job_ray_2_vs_1_actors``: how the
+      excluded) / the shared-cores pipeline limit measured before and after the job (the
+      start-of-run limit when the job was not probed; that ratio is in its target as
+      ``vs_start_of_run_limit``); ``batch_job_ray_2_vs_1_actors``: how the
       Ray engine scales from 1 to 2 actors (context).
     """
     ours_embed = _cells(result, "cnn_codes", "embed")
@@ -216,11 +218,17 @@ def compute_ratios(result: dict[str, Any]) -> tuple[dict, dict, dict]:
 
     jobs = (result.get("batch_job") or {}).get("configs", {})
     local = jobs.get("local", {}).get("images_per_s")
-    value = _ratio(local, limit.get("shared_cores_images_per_s"))
+    local_beside = jobs.get("local", {}).get("limit_beside_images_per_s")
+    start_value = _ratio(local, limit.get("shared_cores_images_per_s"))
+    value = _ratio(local, local_beside) if local_beside else start_value
     ratios["batch_job_vs_limit_shared_cores"] = value
     at["batch_job_vs_limit_shared_cores"] = None
     targets["batch_job_vs_limit_shared_cores"] = {
         "target": f">= {BATCH_JOB_TARGET} (start-up excluded)", "value": value,
+        "against": "measured before and after the job" if local_beside
+        else "measured at the start of the run",
+        "limit_images_per_s": local_beside or limit.get("shared_cores_images_per_s"),
+        "vs_start_of_run_limit": start_value if local_beside else None,
         "met": None if value is None else value >= BATCH_JOB_TARGET}
     ratios["batch_job_ray_2_vs_1_actors"] = _ratio(
         jobs.get("ray_2_actors", {}).get("images_per_s"),
@@ -272,17 +280,23 @@ def batch_job_table(result: dict[str, Any]) -> list[str]:
     lines = ["", f"## Batch job: `cnn-codes embed` over {large} inputs (a manifest repeating the "
                  f"sample photos), start-up excluded", "",
              f"images/s = ({large} - {small}) images / (job seconds at {large} - at {small}); "
-             f"parts of {job['shard_size']} images. Shared-cores limit: {_fmt(shared)} images/s.",
-             "", "| engine | images/s | vs shared-cores limit | start-up s | "
-                 f"s for {large} | images/s incl. start-up | errors |",
-             "|---|---|---|---|---|---|---|"]
+             f"parts of {job['shard_size']} images. Shared-cores limit at the start of the "
+             f"run: {_fmt(shared)} images/s; beside each engine: the mean of the probes "
+             "before and after it.",
+             "", "| engine | images/s | vs shared-cores limit beside it (limit) | "
+                 f"vs start-of-run limit | start-up s | s for {large} | images/s incl. "
+                 "start-up | errors |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, row in job["configs"].items():
         if row.get("status") != "ok":
             lines.append(f"| {label} | not measured: {(row.get('reason') or '')[:300]} "
-                         "| | | | | |")
+                         "| | | | | | |")
             continue
         big = row["runs"]["large"]
+        beside = row.get("limit_beside_images_per_s")
         lines.append(f"| {label} | {_fmt(row['images_per_s'])} | "
+                     + (f"{_fmt(_ratio(row['images_per_s'], beside), 3)} ({_fmt(beside)})"
+                        if beside else "n/a") + " | "
                      f"{_fmt(_ratio(row['images_per_s'], shared), 3)} | "
                      f"{_fmt(row['startup_s'], 2)} | {_fmt(big['job_seconds'], 2)} | "
                      f"{_fmt(big['images_per_s_incl_startup'])} | {row['errors']} |")

@@ -21,7 +21,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench import limit as limit_mod
 from bench import batchjob, contenders, plot, preproc, report, systems
@@ -120,6 +120,16 @@ def _limits(args: argparse.Namespace, photos: list, arrays, model, spec, quick: 
             "seconds_per_measure": seconds}
 
 
+def _probe(result: dict[str, Any], model, photos: list, arrays, spec, quick: bool
+           ) -> Callable[[], dict[str, Any]]:
+    """:func:`bench.limit.probe` of the served model at the start's best batch: the limit
+    measured again beside our cells and beside the batch job."""
+    return functools.partial(
+        limit_mod.probe, model.onnx_path, model.repository, model.name, model.version,
+        photos, arrays, spec, batch=result["limit"]["pipeline"]["onnx_best_batch"],
+        seconds=1.5 if quick else 3.0, processes=usable_cores())
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """One benchmark run; returns the result dict (also written to ``args.out``)."""
     from models.repository import resolve
@@ -171,7 +181,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # quick: a harness check only (the row's own target needs >= 4,000 inputs)
         result["batch_job"] = batchjob.measure(
             args.data, model.repository, model.ref, work_dir,
-            sizes=(256, 768) if quick else (512, 4608), shard_size=128 if quick else 256)
+            sizes=(256, 768) if quick else (512, 4608), shard_size=128 if quick else 256,
+            probe=_probe(result, model, photos, arrays, spec, quick))
     result["preprocessing"] = preproc.draft_mode_table(photos, spec,
                                                        seconds=0.5 if quick else 2.0)
 
@@ -198,12 +209,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not built:
             continue
         # the limit again beside our own cells (the targets are set against it)
-        probe = (functools.partial(
-            limit_mod.probe, model.onnx_path, model.repository, model.name, model.version,
-            photos, arrays, spec,
-            batch=result["limit"]["pipeline"]["onnx_best_batch"],
-            seconds=1.5 if quick else 3.0, processes=usable_cores())
-            if "cnn_codes" in group else None)
+        probe = (_probe(result, model, photos, arrays, spec, quick)
+                 if "cnn_codes" in group else None)
         result["systems"].update(systems.measure_together(built, plan, work_dir, probe=probe))
     for key in SYSTEMS:
         result["systems"].setdefault(key, {"key": key, "title": key, "status": "skipped",

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -181,7 +182,8 @@ class AdaptiveBatcher:
         try:
             batch = (jobs[0].images if len(jobs) == 1
                      else np.concatenate([j.images for j in jobs]))
-            started = loop.time()
+            # perf_counter, not loop.time(): uvloop's is libuv's millisecond clock
+            started = time.perf_counter()
             try:
                 out = await loop.run_in_executor(self._threads, fn, batch)
             except Exception as exc:  # every caller of this batch gets the failure
@@ -189,7 +191,7 @@ class AdaptiveBatcher:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 return
-            self._observe(len(batch), loop.time() - started)
+            self._observe(len(batch), time.perf_counter() - started)
             offset = 0
             for job in jobs:
                 n = len(job.images)

@@ -300,23 +300,31 @@ def test_connections_above_the_bound_close_the_longest_idle(published: dict,
         srv.stop()
 
 
-def _pauses_reading(body_bytes: int) -> bool:
-    """Feed uvicorn's real h11 protocol one request with a ``body_bytes`` body in one
-    ``data_received`` (the app never reads it) and say whether it paused the socket."""
+HTTP11_PROTOCOLS = ("h11", "httptools")  # uvicorn's HTTP/1.1 protocols: http="h11" / "httptools"
+
+
+def _pauses_reading(http: str, body_bytes: int) -> bool:
+    """Feed uvicorn's real ``http`` protocol (h11's or httptools') one request with a
+    ``body_bytes`` body in one ``data_received`` (the app never reads it) and say whether it
+    paused the socket."""
     import asyncio
     from unittest import mock
 
     from uvicorn.config import Config
-    from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.server import ServerState
+
+    if http == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Protocol
+    else:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Protocol
 
     async def app(scope, receive, send):  # holds the request without reading its body
         await asyncio.sleep(3600)
 
     loop = asyncio.new_event_loop()
     try:
-        proto = H11Protocol(Config(app=app, http="h11", lifespan="off"), ServerState(), {},
-                            _loop=loop)
+        proto = Protocol(Config(app=app, http=http, lifespan="off"), ServerState(), {},
+                         _loop=loop)
         transport = mock.MagicMock()
         transport.is_closing.return_value = False
         addresses = {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 3000)}
@@ -335,24 +343,49 @@ def _pauses_reading(body_bytes: int) -> bool:
         loop.close()
 
 
-def test_read_high_water_lets_a_photo_in_without_pausing_the_socket():
+@pytest.mark.parametrize("http", HTTP11_PROTOCOLS)
+def test_read_high_water_lets_a_photo_in_without_pausing_the_socket(http: str):
     """Piece 10: uvicorn pauses a connection's socket above its 64 KiB read buffer; a typical
     photo (median 107 KiB in the sample data) no longer does, a body above the raised mark
-    still does, and a mark below uvicorn's own is refused."""
-    from uvicorn.protocols.http import flow_control, h11_impl
+    still does, and a mark below uvicorn's own is refused; in both of uvicorn's HTTP/1.1
+    protocols (httptools' is the one the service runs, h11's the fallback)."""
+    from uvicorn.protocols.http import flow_control, h11_impl, httptools_impl
 
     from cnn_codes.settings import Settings
     from service.bentoml_compat import set_read_high_water
 
-    before = h11_impl.HIGH_WATER_LIMIT
+    before = h11_impl.HIGH_WATER_LIMIT, httptools_impl.HIGH_WATER_LIMIT
+    module = h11_impl if http == "h11" else httptools_impl
     try:
         set_read_high_water(flow_control.HIGH_WATER_LIMIT)  # uvicorn's own
-        assert _pauses_reading(200_000)
+        assert _pauses_reading(http, 200_000)
         limit = Settings().http_read_high_water_bytes
-        assert set_read_high_water(limit) == limit == h11_impl.HIGH_WATER_LIMIT
-        assert not _pauses_reading(200_000)
-        assert _pauses_reading(limit + 100_000)  # flow control still bounds a connection
+        assert set_read_high_water(limit) == limit == module.HIGH_WATER_LIMIT
+        assert not _pauses_reading(http, 200_000)
+        assert _pauses_reading(http, limit + 100_000)  # flow control still bounds a connection
         with pytest.raises(ValueError, match="below uvicorn"):
             set_read_high_water(1000)
     finally:
-        h11_impl.HIGH_WATER_LIMIT = before
+        h11_impl.HIGH_WATER_LIMIT, httptools_impl.HIGH_WATER_LIMIT = before
+
+
+def test_uvicorn_runs_on_uvloop_and_httptools():
+    """The serving install brings uvloop and httptools, so uvicorn's ``loop="auto"`` and
+    ``http="auto"`` (what BentoML's worker leaves them at) pick them, and piece 8 and 10 patch
+    the httptools protocol the worker runs (README "Performance": the event loop's CPU per
+    image with and without them)."""
+    import uvloop
+    from uvicorn.config import Config
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from service.bentoml_compat.connections import _http11_protocols
+
+    config = Config(app=lambda scope, receive, send: None, lifespan="off")
+    config.load()
+    assert config.http_protocol_class is HttpToolsProtocol
+    loop = config.get_loop_factory()()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
+    assert HttpToolsProtocol in [cls for _, cls in _http11_protocols()]

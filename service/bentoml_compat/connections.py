@@ -6,6 +6,7 @@ Checked against BentoML 1.4.39 (see :mod:`service.bentoml_compat`).
 from __future__ import annotations
 
 import logging
+import time
 import typing as t
 from pathlib import Path
 
@@ -16,9 +17,9 @@ logger = logging.getLogger(__name__)
 # BentoML 1.4.39's worker (``_bentoml_impl/worker/service.py``, ``main``) builds
 # ``uvicorn.Config`` itself and exposes only ``--timeout-keep-alive`` (``bentoml serve
 # --timeout-keep-alive``, whole seconds, default 5); no ``limit_concurrency``, no header timeout.
-# uvicorn 0.54.0's HTTP protocol (``uvicorn/protocols/http/h11_impl.py`` ``H11Protocol``, the
-# one ``http="auto"`` picks without httptools; ``httptools_impl.py`` ``HttpToolsProtocol``
-# alike) arms that keep-alive timer only in ``on_response_complete`` and cancels it on any byte
+# uvicorn 0.54.0's HTTP protocol (``uvicorn/protocols/http/httptools_impl.py``
+# ``HttpToolsProtocol``, the one ``http="auto"`` picks with httptools installed, as the serving
+# install has it since 2026-12-07; ``h11_impl.py`` ``H11Protocol``, its fallback, alike) arms that keep-alive timer only in ``on_response_complete`` and cancels it on any byte
 # received (``data_received``): a connection that never sends a request (Kludex/uvicorn#1192)
 # or sends its headers a byte at a time is never closed. Each holds a file descriptor; under
 # the common soft open-file limit of 1024, 1,100 idle sockets from one client made ``accept()``
@@ -72,6 +73,14 @@ def raise_nofile_limit() -> tuple[int, int]:
                               "(hard %s)", soft, target,
                               "unlimited" if hard == resource.RLIM_INFINITY else hard)
     return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def _now() -> float:
+    """The time of a connection's last activity, s: ``time.monotonic``, not the event loop's
+    ``loop.time()``, which uvloop reads from libuv's clock, cached once per loop iteration at
+    millisecond resolution, so that connections accepted in one iteration would tie and the
+    longest-idle one could not be told apart."""
+    return time.monotonic()
 
 
 def _busy(proto: t.Any) -> bool:
@@ -133,7 +142,7 @@ def _patch_protocol(cls: type, limits: dict[str, float]) -> None:
         made(self, transport)
         self.timeout_keep_alive = limits["idle_timeout_s"]
         self._cnn_header_timer = None
-        self._cnn_active = self.loop.time()
+        self._cnn_active = _now()
         if transport.is_closing():
             return
         # uvicorn arms this timer only after a response: arm it for the first request too
@@ -143,7 +152,7 @@ def _patch_protocol(cls: type, limits: dict[str, float]) -> None:
         _evict(self, int(limits["max_connections"]))
 
     def data_received(self: t.Any, data: bytes) -> None:
-        self._cnn_active = self.loop.time()
+        self._cnn_active = _now()
         if getattr(self, "_cnn_header_timer", None) is None and not _busy(self):
             self._cnn_header_timer = self.loop.call_later(
                 limits["header_timeout_s"], _header_timeout, self)
@@ -153,7 +162,7 @@ def _patch_protocol(cls: type, limits: dict[str, float]) -> None:
 
     def on_response_complete(self: t.Any) -> None:
         _stop_header_timer(self)
-        self._cnn_active = self.loop.time()
+        self._cnn_active = _now()
         complete(self)
 
     def connection_lost(self: t.Any, exc: Exception | None) -> None:
@@ -218,7 +227,7 @@ def install_connection_limits(idle_timeout_s: float, header_timeout_s: float,
 
 # --- 10. uvicorn's read buffer per connection -------------------------------------------------
 # uvicorn 0.54.0 (``uvicorn/protocols/http/h11_impl.py`` ``H11Protocol.handle_events``, and
-# ``httptools_impl.py`` alike) pauses reading a connection's socket once more than
+# ``httptools_impl.py`` ``HttpToolsProtocol.on_body`` alike) pauses reading a connection's socket once more than
 # ``HIGH_WATER_LIMIT`` (64 KiB, ``flow_control.py``) of its request body is buffered, and
 # resumes it when the app calls ``receive()``: ``transport.pause_reading()`` /
 # ``resume_reading()``, an epoll unregister and register on the event loop. 345 of the 397
@@ -232,7 +241,8 @@ def install_connection_limits(idle_timeout_s: float, header_timeout_s: float,
 # uvicorn's 64 KiB, 1.08 / 1.28 / 1.25 with 1 MiB (means 1.27 vs 1.20); images/s 209.8 / 214.5 /
 # 195.9 vs 227.9 / 201.3 / 198.1 (means 206.7 vs 209.1: within this machine's noise). A small
 # saving of the thread that separates the HTTP front from gRPC, kept because it costs nothing:
-# the Gateway holds a whole body in memory anyway (up to ``max_request_bytes``).
+# the Gateway holds a whole body in memory anyway (up to ``max_request_bytes``). Those figures
+# are of h11, before uvloop and httptools were installed; the mark is the same in both.
 
 def set_read_high_water(limit: int) -> int:
     """Set uvicorn's per-connection read high-water mark (``HIGH_WATER_LIMIT`` as its HTTP/1.1
