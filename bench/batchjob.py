@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from bench.limit import recorded_probe
 from bench.model import _cli
 from bench.photos import IMAGE_SUFFIXES
 
@@ -98,9 +99,11 @@ def measure(data_dir: Path, repository: Path, model_ref: str, work_dir: Path, *,
         configs: ``(engine, actors)`` pairs.
         timeout_s: per job.
         probe: measures the limit again (:func:`bench.limit.probe`); when given it runs before
-            the first configuration and after each one, and every configuration's row holds
-            the probes around it (``probes``) and the mean of their shared-cores limits
-            (``limit_beside_images_per_s``), as the service's cells are set against the probes
+            the first configuration and after each one (a failed probe is recorded, not
+            raised: :func:`bench.limit.recorded_probe`), and every configuration's row holds
+            the probes around it (``probes``) and, when both worked, the mean of their
+            shared-cores limits (``limit_beside_images_per_s``), as the service's cells are
+            set against the probes
             beside them: this machine's speed moves by a quarter within minutes, so the
             start-of-run limit, measured a minute or more before the job, mixes the job's speed
             with the moment.
@@ -119,7 +122,7 @@ def measure(data_dir: Path, repository: Path, model_ref: str, work_dir: Path, *,
     folder = work_dir / "batch-job"
     manifests = {n: write_manifest(data_dir, folder, n) for n in (small, large)}
     rows: dict[str, Any] = {}
-    before = probe() if probe is not None else None
+    before = recorded_probe(probe) if probe is not None else None
     for engine, actors in configs:
         label = "local" if engine == "local" else f"ray_{actors}_actor" + ("s" if actors != 1
                                                                           else "")
@@ -132,7 +135,7 @@ def measure(data_dir: Path, repository: Path, model_ref: str, work_dir: Path, *,
             rows[label] = {"status": "failed", "engine": engine, "ray_actors": actors,
                            "reason": f"{type(exc).__name__}: {exc}"[:3000]}
             continue
-        after = probe() if probe is not None else None
+        after = recorded_probe(probe) if probe is not None else None
         delta_images = runs["large"]["images"] - runs["small"]["images"]
         delta_s = runs["large"]["job_seconds"] - runs["small"]["job_seconds"]
         rate = delta_images / delta_s if delta_s > 0 else None
@@ -145,8 +148,10 @@ def measure(data_dir: Path, repository: Path, model_ref: str, work_dir: Path, *,
             "runs": runs}
         if before is not None and after is not None:
             rows[label]["probes"] = {"before": before, "after": after}
-            rows[label]["limit_beside_images_per_s"] = round(
-                (before["shared_cores_images_per_s"] + after["shared_cores_images_per_s"]) / 2, 1)
+            if before["status"] == after["status"] == "ok":
+                rows[label]["limit_beside_images_per_s"] = round(
+                    (before["shared_cores_images_per_s"]
+                     + after["shared_cores_images_per_s"]) / 2, 1)
             before = after
         logger.info("batch job %s: %s images/s start-up excluded (%d images: %.2f s, %d: %.2f s)",
                     label, rows[label]["images_per_s"], runs["small"]["images"],

@@ -15,7 +15,7 @@ import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -196,3 +196,14 @@ def probe(onnx_path: Path, repository: Path, name: str, version: int,
             "shared_cores_images_per_s": pipe["shared_cores_images_per_s"],
             "c1_alone_ms": round(onnx_rows[0]["ms_per_batch_p50"]
                                  + decode["ms_per_image_mean"], 2)}
+
+
+def recorded_probe(probe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one limit probe (:func:`probe` with its arguments bound): its figures with
+    ``status: ok``, or ``status: failed`` and the reason; a failed probe is recorded, not
+    raised, so the cells or the batch job beside it keep their numbers."""
+    try:
+        return {"status": "ok", **probe()}
+    except Exception as exc:
+        logger.exception("limit probe failed")
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:1000]}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from bench import profiling
+from bench.limit import recorded_probe
 from bench.loadgen import CellResult, combine, run_cell
 from bench.procs import ManagedServer, MemorySampler, tree_cpu_seconds
 from bench.promscrape import HistogramTotals, batch_summary, scrape_histogram
@@ -233,7 +234,7 @@ def _ramp(up: list[_Up], plan: Plan, probe: Callable[[], dict[str, Any]] | None,
     if probe is not None:
         for entry in up:
             entry.result["limit_beside"] = beside
-        beside.append(_probe(probe))
+        beside.append(recorded_probe(probe))
     # Ramp up: every endpoint at c=1, then every endpoint at c=8, ... so no cell follows a
     # heavier one (adaptive batching remembers recent queueing; see after_burst).
     for concurrency in plan.concurrency:
@@ -256,7 +257,7 @@ def _ramp(up: list[_Up], plan: Plan, probe: Callable[[], dict[str, Any]] | None,
             if cells and entry.result["status"] == "ok":
                 entry.result["endpoints"][endpoint.label]["cells"].append(_pooled(cells))
         if probe is not None:
-            beside.append(_probe(probe))
+            beside.append(recorded_probe(probe))
     if plan.after_burst:
         for entry in up:
             if entry.live and entry.result["status"] == "ok":
@@ -270,15 +271,6 @@ def _ramp(up: list[_Up], plan: Plan, probe: Callable[[], dict[str, Any]] | None,
                     continue
                 cell["after"] = f"{entry.live[-1].label} at c={max(plan.concurrency)}"
                 entry.result["after_burst"] = {"endpoint": entry.live[0].label, **cell}
-
-
-def _probe(probe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """One limit probe; a failed one is recorded, not raised (the cells keep their numbers)."""
-    try:
-        return {"status": "ok", **probe()}
-    except Exception as exc:
-        logger.exception("limit probe failed")
-        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:1000]}
 
 
 def _measured_pass(entry: _Up, endpoint: Endpoint, concurrency: int, plan: Plan,

@@ -19,9 +19,10 @@ logger = logging.getLogger(__name__)
 # --timeout-keep-alive``, whole seconds, default 5); no ``limit_concurrency``, no header timeout.
 # uvicorn 0.54.0's HTTP protocol (``uvicorn/protocols/http/httptools_impl.py``
 # ``HttpToolsProtocol``, the one ``http="auto"`` picks with httptools installed, as the serving
-# install has it since 2026-12-07; ``h11_impl.py`` ``H11Protocol``, its fallback, alike) arms that keep-alive timer only in ``on_response_complete`` and cancels it on any byte
-# received (``data_received``): a connection that never sends a request (Kludex/uvicorn#1192)
-# or sends its headers a byte at a time is never closed. Each holds a file descriptor; under
+# install has it since 2026-12-07; ``h11_impl.py`` ``H11Protocol``, its fallback, alike) arms
+# that keep-alive timer only in ``on_response_complete`` and cancels it on any byte received
+# (``data_received``): a connection that never sends a request (Kludex/uvicorn#1192) or sends
+# its headers a byte at a time is never closed. Each holds a file descriptor; under
 # the common soft open-file limit of 1024, 1,100 idle sockets from one client made ``accept()``
 # fail (EMFILE) and every request, /readyz included, time out. (uvicorn's
 # ``limit_concurrency`` would not help: it counts idle connections and answers real requests
@@ -227,10 +228,10 @@ def install_connection_limits(idle_timeout_s: float, header_timeout_s: float,
 
 # --- 10. uvicorn's read buffer per connection -------------------------------------------------
 # uvicorn 0.54.0 (``uvicorn/protocols/http/h11_impl.py`` ``H11Protocol.handle_events``, and
-# ``httptools_impl.py`` ``HttpToolsProtocol.on_body`` alike) pauses reading a connection's socket once more than
-# ``HIGH_WATER_LIMIT`` (64 KiB, ``flow_control.py``) of its request body is buffered, and
-# resumes it when the app calls ``receive()``: ``transport.pause_reading()`` /
-# ``resume_reading()``, an epoll unregister and register on the event loop. 345 of the 397
+# ``httptools_impl.py`` ``HttpToolsProtocol.on_body`` alike) pauses reading a connection's
+# socket once more than ``HIGH_WATER_LIMIT`` (64 KiB, ``flow_control.py``) of its request body
+# is buffered, and resumes it when the app calls ``receive()``: ``transport.pause_reading()``
+# / ``resume_reading()``, an epoll unregister and register on the event loop. 345 of the 397
 # sample photos are larger than 64 KiB (median 107 KiB), so nearly every upload paused and
 # resumed its socket; in a py-spy profile of the API worker's event loop at HTTP c=32
 # (2026-12-06) the re-registration was 8.6 % of its samples. BentoML builds uvicorn's config
