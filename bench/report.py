@@ -332,29 +332,30 @@ def beside_table(result: dict[str, Any]) -> list[str]:
 
 def together_table(result: dict[str, Any]) -> list[str]:
     """The systems measured side by side (``measured_with``, :func:`bench.systems.
-    measure_together`): each cell's two passes, in the order they ran, and the most CPU the
-    idle systems used meanwhile; empty when every system ran alone."""
+    measure_together`): each cell's passes, in the order they ran, how far apart they were,
+    and the most CPU the idle systems used meanwhile; empty when every system ran alone."""
     together = [(key, e) for key, e in result.get("systems", {}).items()
                 if e.get("status") == "ok" and e.get("measured_with")]
     if not together:
         return []
     titles = ", ".join(e["title"] for _, e in together)
     lines = ["", f"## Measured side by side: {titles}", "",
-             "All up at once; at each level every (system, endpoint) cell ran twice in mirrored "
-             "order (A B ... B A), each pass half the window after its own warm-up; a cell above "
-             "pools both passes, so a drift of the machine within the level moves every "
-             "system's cells alike.", "",
-             "| system | endpoint | concurrency | pass 1 images/s | pass 2 images/s | "
-             "idle systems' CPU, cores (max) |", "|---|---|---|---|---|---|"]
+             "All up at once; at each level every (system, endpoint) cell ran several passes "
+             "in mirrored rounds (A B ... B A, A B ... B A, ...), each pass an equal share of "
+             "the window after its own warm-up; a cell above pools its passes, so a drift of "
+             "the machine within the level moves every system's cells alike. Spread: the "
+             "fastest pass over the slowest, what this machine alone moves one cell by.", "",
+             "| system | endpoint | concurrency | passes, images/s (in the order they ran) | "
+             "spread | idle systems' CPU, cores (max) |", "|---|---|---|---|---|---|"]
     for key, entry in together:
         for endpoint, data in entry["endpoints"].items():
             for c in data.get("cells", []):
-                passes = c.get("passes") or []
-                if len(passes) != 2:
+                rates = [p["images_per_s"] for p in c.get("passes") or []]
+                if len(rates) < 2:
                     continue
+                spread = _fmt(max(rates) / min(rates), 2) if min(rates) > 0 else "n/a"
                 lines.append(f"| {entry['title']} | {endpoint} | {c['concurrency']} | "
-                             f"{_fmt(passes[0]['images_per_s'])} | "
-                             f"{_fmt(passes[1]['images_per_s'])} | "
+                             f"{' / '.join(_fmt(r) for r in rates)} | {spread} | "
                              f"{_fmt(c.get('others_cpu_cores'), 3)} |")
     return lines
 

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="measuring window per cell, s")
     p.add_argument("--warmup", type=float, help="warm-up per cell, s")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy cells")
+    p.add_argument("--passes", type=int, default=4,
+                   help="passes of each cell when our service and Triton are measured side by "
+                        "side (mirrored rounds A B .. B A ...); the window is split among them")
     p.add_argument("--no-batch-job", action="store_true",
                    help="skip the batch-job row (cnn-codes embed, local and Ray engines)")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results")
@@ -142,6 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         idle_s=2.0 if quick else 5.0,
         profile_s=0 if args.no_profile else (4 if quick else 10),
         drain_s=5.0 if quick else 10.0,
+        passes_together=args.passes,
     )
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(wanted) - set(SYSTEMS)
@@ -159,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(), "load_average_start": load_average(),
         "plan": {"concurrency": list(plan.concurrency), "warmup_s": plan.warmup_s,
                  "duration_s": plan.duration_s, "images_per_request": 1,
-                 "profile_s": plan.profile_s},
+                 "profile_s": plan.profile_s, "passes_together": plan.passes_together},
     }
     photos = load_photos(args.data)
     result["photos"] = describe(photos)

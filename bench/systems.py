@@ -39,6 +39,10 @@ class Plan:
         max_requests: cap on requests per cell.
         drain_s: after a window, how long in-flight requests may finish before cancellation.
         after_burst: also measure c=1 right after the heaviest cell.
+        passes_together: passes of each cell when several systems are up at once (mirrored
+            rounds, see :func:`measure_together`); 2 until 2026-12-07, when the two passes of
+            one cell differed by up to 1.55x (166.0 and 258.0 images/s, our HTTP c=64 cell of
+            that morning's 04:12 run) and the verdicts against Triton flipped between runs.
     """
 
     concurrency: tuple[int, ...]
@@ -50,6 +54,7 @@ class Plan:
     max_requests: int = 50_000
     drain_s: float = 15.0
     after_burst: bool = True
+    passes_together: int = 4
 
 
 @dataclass
@@ -145,13 +150,13 @@ def measure_together(systems: Sequence[System], plan: Plan, work_dir: Path,
     With one system: each concurrency level runs its endpoints in order, one pass per cell of
     ``plan.duration_s``. With several (our service and the peer it is compared with): all are
     up at once, each idle while another is loaded, and each level runs every (system,
-    endpoint) cell twice in mirrored order, A B ... B A, each pass half of
-    ``plan.duration_s`` after its own warm-up; a cell is both passes pooled
-    (:func:`bench.loadgen.combine`). A linear drift of the machine's speed within the level
-    then moves both systems' cells alike, so their ratio is measured at the same moment,
-    which one system after another, 8 minutes apart, is not (this machine moves 10-25 %
-    within minutes). What the idle systems used while another was loaded is kept per cell
-    (``others_cpu_cores``).
+    endpoint) cell ``plan.passes_together`` times in mirrored rounds, A B ... B A A B ... B A,
+    each pass an equal share of ``plan.duration_s`` after its own warm-up; a cell is its
+    passes pooled (:func:`bench.loadgen.combine`). A linear drift of the machine's speed
+    within the level then moves both systems' cells alike, so their ratio is measured at the
+    same moment, which one system after another, 8 minutes apart, is not (this machine moves
+    10-25 % within minutes). What the idle systems used while another was loaded is kept per
+    cell (``others_cpu_cores``).
 
     ``probe`` (the limit measured again, :func:`bench.limit.probe`) runs with every system up
     and idle before the first concurrency level and after every level; its results are
@@ -177,7 +182,7 @@ def measure_together(systems: Sequence[System], plan: Plan, work_dir: Path,
             except Exception as exc:  # one system failing must not lose the others' numbers
                 _failed(results[system.key], exc)
         try:
-            _ramp(up, plan, probe, passes=2 if len(up) > 1 else 1)
+            _ramp(up, plan, probe, passes=plan.passes_together if len(up) > 1 else 1)
         except Exception as exc:  # a harness bug: keep what was measured, say what broke
             for entry in up:
                 _failed(entry.result, exc)
@@ -239,7 +244,8 @@ def _ramp(up: list[_Up], plan: Plan, probe: Callable[[], dict[str, Any]] | None,
     # heavier one (adaptive batching remembers recent queueing; see after_burst).
     for concurrency in plan.concurrency:
         order = [(entry, endpoint) for entry in up for endpoint in entry.live]
-        schedule = order + order[::-1] if passes == 2 else order
+        schedule = [cell for round_ in range(passes)
+                    for cell in (order if round_ % 2 == 0 else order[::-1])]
         measured: dict[tuple[str, str], list[_Pass]] = {}
         for entry, endpoint in schedule:
             if entry.result["status"] != "ok":
