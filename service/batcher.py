@@ -30,6 +30,15 @@ HTTP c=32 149.3 -> 154.8 images/s, c=64 150.6 -> 154.0; gRPC c=32 151.5 -> 162.7
 163.7; c=1 p50 unchanged (13.0 vs 13.1 ms HTTP); p99 at c=32 lower (about 300-325 -> 288-297 ms
 HTTP).
 
+Why a lone request may run on its own thread (:meth:`AdaptiveBatcher.claim_lone`): with
+nothing queued, forming or running, a request of one image would go decode thread -> event loop
+-> runner -> batcher thread -> event loop; instead its caller takes a run slot at once and runs
+the ``run`` session itself, right after decoding, on the decode thread, unless other requests
+arrived while it decoded (:attr:`LoneSlot.alone`; then it joins their batch, so a burst at c=8
+is not split into 1 + 7). The slot is counted like any batch's (a batch that starts meanwhile
+runs beside it, on ``run_beside``) and the run is observed like a batch of one. Measured at concurrency 1 (README "Performance", "A lone request
+on its decode thread"): about 0.5 ms less per request outside decode and onnxruntime.
+
 Why not BentoML's own dispatcher: it lives in a separate Encoder process behind an aiohttp call
 with pickle-5 bodies (see ``service.encoder``); measured on 2 cores (``make bench``, README
 "Performance"), the in-process batcher is what lets the service approach the decode +
@@ -57,6 +66,32 @@ RunFn = Callable[[np.ndarray], np.ndarray]
 class _Job:
     images: np.ndarray
     future: asyncio.Future = field(repr=False)
+
+
+@dataclass
+class LoneSlot:
+    """A run slot held by one caller that runs its own images (:meth:`AdaptiveBatcher.
+    claim_lone`): call :attr:`run` on any thread, then :meth:`release` on the event loop, once,
+    whether or not it ran.
+
+    Attributes:
+        run: the session of a batch alone: ``(n, S, S, 3)`` uint8 -> ``(n, F)`` float32.
+        alone: True while nothing is queued and no other batch holds a slot; safe to call
+            from another thread (it reads two counters; a stale answer only costs a split
+            batch or a hand-off).
+    """
+
+    run: RunFn
+    alone: Callable[[], bool]
+    _release: Callable[[int, float], None] = field(repr=False)
+    _released: bool = field(default=False, repr=False)
+
+    def release(self, images: int = 0, seconds: float = 0.0) -> None:
+        """Free the slot; ``images`` > 0: the run of that many images took ``seconds`` (the
+        batcher's ``observe``, as for a batch). A second call does nothing."""
+        if not self._released:
+            self._released = True
+            self._release(images, seconds)
 
 
 class AdaptiveBatcher:
@@ -100,6 +135,7 @@ class AdaptiveBatcher:
         self._runner: asyncio.Task | None = None
         self.runs = runs
         self._slots: asyncio.Semaphore | None = None
+        self._held = 0  # run slots taken: batches forming or running, and lone slots
         self._threads = ThreadPoolExecutor(max_workers=runs, thread_name_prefix="batcher")
 
     async def submit(self, images: np.ndarray) -> np.ndarray:
@@ -112,15 +148,45 @@ class AdaptiveBatcher:
         """
         if not 1 <= len(images) <= self.max_batch_size:
             raise ValueError(f"submit 1..{self.max_batch_size} images, got {len(images)}")
-        loop = asyncio.get_running_loop()
-        if self._runner is None or self._runner.done():
-            self._wake = asyncio.Event()
-            self._slots = asyncio.Semaphore(self.runs)
-            self._runner = loop.create_task(self._serve(), name="adaptive-batcher")
+        loop = self._start()
         job = _Job(images, loop.create_future())
         self._queue.append(job)
         self._wake.set()
         return await job.future
+
+    def _start(self) -> asyncio.AbstractEventLoop:
+        """The running loop, after starting the runner task on it if it is not running."""
+        loop = asyncio.get_running_loop()
+        if self._runner is None or self._runner.done():
+            self._wake = asyncio.Event()
+            self._slots = asyncio.Semaphore(self.runs)
+            self._held = 0
+            self._runner = loop.create_task(self._serve(), name="adaptive-batcher")
+        return loop
+
+    async def claim_lone(self) -> LoneSlot | None:
+        """A run slot for a caller that runs its own images (one request alone), or None.
+
+        Only when the batcher is idle: nothing queued and no batch forming or running, so the
+        caller's run is a batch alone and gets ``run`` (not ``run_beside``). The slot counts
+        like a running batch until :meth:`LoneSlot.release`: a batch that starts meanwhile
+        runs beside it. The caller saves the hand-offs to and from the batcher's thread.
+        """
+        self._start()
+        if self._held or self._queue or self._slots.locked():
+            return None
+        await self._slots.acquire()  # free and nobody waiting: returns without yielding
+        self._held += 1
+        self._running += 1
+        return LoneSlot(self._run, lambda: self._held == 1 and not self._queue,
+                        self._release_lone)
+
+    def _release_lone(self, images: int, seconds: float) -> None:
+        self._running -= 1
+        self._held -= 1
+        self._slots.release()
+        if images:
+            self._observe(images, seconds)
 
     def _take(self) -> list[_Job]:
         """Queued jobs, oldest first, while they fit in one batch."""
@@ -165,8 +231,10 @@ class AdaptiveBatcher:
                 await self._wake.wait()
                 continue
             await self._slots.acquire()  # while every run slot is busy, the queue grows
+            self._held += 1
             jobs = await self._gather()
             if not jobs:
+                self._held -= 1
                 self._slots.release()
                 continue
             fn = self._run_beside if self._running else self._run
@@ -200,6 +268,7 @@ class AdaptiveBatcher:
                 offset += n
         finally:
             self._running -= 1
+            self._held -= 1
             slots.release()
 
     def close(self) -> None:

@@ -29,7 +29,7 @@ from models.card import compatibility_problems
 from models.repository import PublishedModel, resolve
 from models.runtime import OnnxEncoder, SessionConfig
 from service import metrics
-from service.batcher import AdaptiveBatcher
+from service.batcher import AdaptiveBatcher, LoneSlot
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +204,11 @@ class LocalCore:
     async def encode(self, images: np.ndarray) -> np.ndarray:
         """``(n, S, S, 3)`` uint8, ``n <= max_batch_size`` -> ``(n, K + D + C)`` float32."""
         return await self.batcher.submit(images)
+
+    async def claim_lone(self) -> LoneSlot | None:
+        """The batcher's run slot for a request alone (:meth:`service.batcher.
+        AdaptiveBatcher.claim_lone`); always None with ``lone_runs`` off."""
+        return await self.batcher.claim_lone() if self.settings.lone_runs else None
 
     async def model_ref(self) -> dict[str, Any]:
         """Name and version of the loaded model."""

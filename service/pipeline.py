@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,17 @@ import numpy as np
 from cnn_codes.settings import Settings
 from models.card import ModelCard
 from models.decode import DecodedBatch, DecodeLimits, decode_batch
+from models.preprocessing import PreprocessSpec
 from models.errors import RequestError
 from models.runtime import split_outputs
 from service import metrics
 
 if TYPE_CHECKING:
+    from service.batcher import LoneSlot
     from service.served import ModelHolder
 
 EncodeFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
+ClaimLoneFn = Callable[[], Awaitable["LoneSlot | None"]]
 logger = logging.getLogger(__name__)
 
 try:  # BentoML's inter-service client is aiohttp; a broken connection surfaces as these
@@ -62,6 +66,21 @@ def _observe_decode(code: str | None, seconds: float) -> None:
         metrics.DECODE_ERRORS.labels(code=code).inc()
 
 
+def _decode_then_run(payloads: Sequence[bytes | Path], spec: PreprocessSpec,
+                     limits: DecodeLimits, run: Callable[[np.ndarray], np.ndarray],
+                     still_alone: Callable[[], bool]
+                     ) -> tuple[DecodedBatch, np.ndarray | None, float]:
+    """On a decode thread: decode ``payloads``, then, if ``still_alone()``, ``run`` the
+    decodable ones, ``(n, S, S, 3)`` uint8 -> ``(n, K + D + C)`` float32; returns ``(decoded,
+    outputs or None when none decoded or not run, seconds the run took)``."""
+    decoded = decode_batch(payloads, spec, limits, observe=_observe_decode)
+    if not decoded.positions or not still_alone():
+        return decoded, None, 0.0
+    started = time.perf_counter()
+    packed = run(decoded.arrays)
+    return decoded, packed, time.perf_counter() - started
+
+
 class InferencePipeline:
     """Decode -> batched inference -> outputs, for any protocol.
 
@@ -73,13 +92,18 @@ class InferencePipeline:
             decoded on one of them).
         encode: async call into the Encoder: ``(n, S, S, 3)`` uint8 -> ``(n, K+D+C)`` float32,
             with ``n <= settings.max_batch_size``.
+        claim_lone: the in-process core's :meth:`service.batcher.AdaptiveBatcher.claim_lone`
+            (None: every image goes through ``encode``): a request of one image that finds
+            nothing else decoding, queued or running decodes and runs it on one decode thread.
     """
 
-    def __init__(self, holder: "ModelHolder", settings: Settings, encode: EncodeFn) -> None:
+    def __init__(self, holder: "ModelHolder", settings: Settings, encode: EncodeFn,
+                 claim_lone: ClaimLoneFn | None = None) -> None:
         self.holder = holder
         self.settings = settings
         self.limits = DecodeLimits.from_settings(settings)
         self._encode = encode
+        self._claim_lone = claim_lone
         self.decoding = 0  # images being decoded now (the in-process batcher waits for them)
         self._decoders = ThreadPoolExecutor(settings.decode_thread_count,
                                             thread_name_prefix="decode")
@@ -139,6 +163,10 @@ class InferencePipeline:
         self.check_count(len(payloads))
         card = self.card
         metrics.REQUEST_IMAGES.labels(endpoint=endpoint).observe(len(payloads))
+        if self._claim_lone is not None and len(payloads) == 1 and self.decoding == 0:
+            lone = await self._claim_lone()
+            if lone is not None:
+                return await self._run_lone(lone, payloads, card, endpoint, protocol)
         self.decoding += len(payloads)
         try:
             decoded = await asyncio.get_running_loop().run_in_executor(
@@ -147,6 +175,28 @@ class InferencePipeline:
         finally:
             self.decoding -= len(payloads)
         outputs = await self.encode_arrays(decoded.arrays, card) if decoded.positions else None
+        self.count(endpoint, protocol, ok=len(decoded.positions), failed=len(decoded.errors))
+        return PipelineResult(card=card, decoded=decoded, outputs=outputs)
+
+    async def _run_lone(self, lone: "LoneSlot", payloads: Sequence[bytes | Path],
+                        card: ModelCard, endpoint: str, protocol: str) -> PipelineResult:
+        """:meth:`run` of a request alone: decode and model run on one decode thread, in the
+        run slot ``lone`` holds (released here, run or not, failed or not). Requests that
+        arrived while it was decoding (a burst: they are decoding now, or queued) make it skip
+        the run and join their batch instead, so a burst is not split into 1 + the rest."""
+        images, seconds = 0, 0.0
+        try:
+            decoded, packed, seconds = await asyncio.get_running_loop().run_in_executor(
+                self._decoders, functools.partial(
+                    _decode_then_run, payloads, card.preprocessing, self.limits, lone.run,
+                    lambda: self.decoding == 0 and lone.alone()))
+            images = 0 if packed is None else len(decoded.positions)
+        finally:
+            lone.release(images, seconds)
+        if packed is None and decoded.positions:  # others came meanwhile: batch with them
+            outputs = await self.encode_arrays(decoded.arrays, card)
+        else:
+            outputs = split_outputs(packed, card) if packed is not None else None
         self.count(endpoint, protocol, ok=len(decoded.positions), failed=len(decoded.errors))
         return PipelineResult(card=card, decoded=decoded, outputs=outputs)
 

@@ -109,7 +109,9 @@ class CNNCodes:
             if self.settings.batching == "in_process"
             # the dependency's client exists only once the worker runs: resolved per call
             else RemoteCore(lambda: self.encoder))
-        self.pipeline = InferencePipeline(self.holder, self.settings, self.core.encode)
+        self.pipeline = InferencePipeline(
+            self.holder, self.settings, self.core.encode,
+            claim_lone=self.core.claim_lone if isinstance(self.core, LocalCore) else None)
         self.reloader = Reloader(self.holder, self.settings, self.core.load)
         # POST /search: an index of the served version, or a start-up error naming both
         self.index = IndexHolder(self.settings.index, self.settings.reload_poll_s)

@@ -263,3 +263,122 @@ def test_local_core_runs_a_batch_beside_another_on_its_one_thread_session(publis
         single = LocalCore(model, Settings(**base, **extra))
         assert single.sessions.beside is None
         single.close()
+
+
+def test_claim_lone_only_when_idle_and_a_batch_meanwhile_runs_beside():
+    """``claim_lone`` gives a run slot only when nothing is queued, forming or running; while
+    the slot is held, a submitted batch runs on ``run_beside`` (the slot counts like a running
+    batch); ``release`` observes the lone run as a batch and frees the slot, once."""
+    calls: list[tuple[str, int]] = []
+    observed: list[tuple[int, float]] = []
+
+    def make(name: str):
+        def model(batch: np.ndarray) -> np.ndarray:
+            calls.append((name, int(batch[0, 0, 0, 0])))
+            time.sleep(0.05)
+            return batch.reshape(len(batch), -1).mean(axis=1, keepdims=True).astype(np.float32)
+        return model
+
+    alone = make("alone")
+    batcher = AdaptiveBatcher(alone, run_beside=make("beside"), max_batch_size=8,
+                              max_wait_s=0.0, runs=2,
+                              observe=lambda n, s: observed.append((n, s)))
+
+    async def main() -> None:
+        lone = await batcher.claim_lone()
+        assert lone is not None and lone.run is alone
+        assert await batcher.claim_lone() is None  # one slot held: not idle any more
+        beside = await batcher.submit(images(1, 7))  # runs while the lone slot is held
+        assert beside[0, 0] == 7
+        out = await asyncio.to_thread(lone.run, images(1, 3))  # the caller's own thread
+        assert out[0, 0] == 3
+        lone.release(1, 0.25)
+        lone.release(1, 0.25)  # a second release changes nothing
+        running = asyncio.ensure_future(batcher.submit(images(2, 10)))
+        await asyncio.sleep(0.01)  # its batch is running on the batcher's thread
+        assert await batcher.claim_lone() is None
+        await running
+        again = await batcher.claim_lone()  # idle again
+        assert again is not None
+        again.release()  # released without a run: nothing observed
+
+    asyncio.run(main())
+    batcher.close()
+    assert calls == [("beside", 7), ("alone", 3), ("alone", 10)]
+    assert (1, 0.25) in observed and observed.count((1, 0.25)) == 1
+    assert sorted(n for n, _ in observed) == [1, 1, 2]
+
+
+def test_a_lone_request_runs_on_its_decode_thread_and_answers_as_a_batch_would(
+        published, data_dir, monkeypatch):
+    """The pipeline with the real in-process core: a request alone is decoded and run on one
+    decode thread (no batcher thread), counted as a batch of one on the ``alone`` session, and
+    gets the same CNN codes as through the batcher (``lone_runs`` off); concurrent requests
+    still batch; a photo that fails to decode in a lone request is its error row and frees
+    the slot."""
+    import service.pipeline as pipeline_module
+    from cnn_codes.settings import Settings
+    from models.repository import resolve
+    from service import metrics
+    from service.core import LocalCore
+    from service.pipeline import InferencePipeline
+    from service.served import ModelHolder
+
+    ran_on: list[str] = []
+    real_decode_then_run = pipeline_module._decode_then_run
+
+    def spying(*args, **kwargs):
+        ran_on.append(threading.current_thread().name)
+        return real_decode_then_run(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "_decode_then_run", spying)
+    base = dict(repository=published["repository"], model_name=published["name"],
+                model_version=str(published["version"]), intra_op_threads=2)
+    model = resolve(base["repository"], base["model_name"], base["model_version"])
+    photos = [p.read_bytes() for p in sorted((data_dir / "val" / "ants").glob("*.jpg"))[:6]]
+
+    def serve(lone_runs: bool):
+        settings = Settings(**base, lone_runs=lone_runs)
+        pipeline: InferencePipeline | None = None
+        core = LocalCore(model, settings, pending=lambda: pipeline.decoding)
+        pipeline = InferencePipeline(ModelHolder(model.card), settings, core.encode,
+                                     claim_lone=core.claim_lone)
+        return core, pipeline
+
+    def runs(session: str) -> float:
+        return metrics.BATCH_RUNS.labels(session=session)._value.get()
+
+    async def one_by_one(pipeline):
+        return [await pipeline.run([p], endpoint="embed") for p in photos]
+
+    core, pipeline = serve(lone_runs=True)
+    try:
+        alone_before, batches_before = runs("alone"), metrics.BATCH_SIZE._sum.get()
+        lone = asyncio.run(one_by_one(pipeline))
+        assert ran_on == [n for n in ran_on if n.startswith("decode_")] and len(ran_on) == 6
+        assert runs("alone") - alone_before == 6  # six batches of one, on the alone session
+        assert metrics.BATCH_SIZE._sum.get() - batches_before == 6
+        bad = asyncio.run(pipeline.run([photos[0][:200]], endpoint="embed"))
+        assert bad.outputs is None and list(bad.decoded.errors) == [0]
+        assert len(ran_on) == 7
+
+        async def together():
+            return await asyncio.gather(*(pipeline.run([p], endpoint="embed") for p in photos))
+
+        assert len(asyncio.run(together())) == 6
+        assert len(ran_on) <= 8  # the first may find the core idle; the others are batched
+        assert core.batcher._held == 0 and core.batcher._running == 0  # every slot freed
+    finally:
+        pipeline.close()
+        core.close()
+    ran_on.clear()
+    core, pipeline = serve(lone_runs=False)
+    try:
+        batched = asyncio.run(one_by_one(pipeline))
+    finally:
+        pipeline.close()
+        core.close()
+    assert ran_on == []  # never on a decode thread
+    for a, b in zip(lone, batched):
+        np.testing.assert_allclose(a.outputs["embedding"], b.outputs["embedding"],
+                                   rtol=1e-5, atol=1e-5)
