@@ -81,6 +81,16 @@ def _decode_then_run(payloads: Sequence[bytes | Path], spec: PreprocessSpec,
     return decoded, packed, time.perf_counter() - started
 
 
+def _release_when_done(lone: "LoneSlot", work: asyncio.Future) -> None:
+    """Free ``lone`` once its decode thread finished ``work`` (:func:`_decode_then_run`),
+    observing the run when there was one."""
+    if work.cancelled() or work.exception() is not None:
+        lone.release()
+        return
+    decoded, packed, seconds = work.result()
+    lone.release(0 if packed is None else len(decoded.positions), seconds)
+
+
 class InferencePipeline:
     """Decode -> batched inference -> outputs, for any protocol.
 
@@ -181,18 +191,17 @@ class InferencePipeline:
     async def _run_lone(self, lone: "LoneSlot", payloads: Sequence[bytes | Path],
                         card: ModelCard, endpoint: str, protocol: str) -> PipelineResult:
         """:meth:`run` of a request alone: decode and model run on one decode thread, in the
-        run slot ``lone`` holds (released here, run or not, failed or not). Requests that
+        run slot ``lone`` holds (released when the thread is done, run or not, failed or
+        not, and even when this request is cancelled before that). Requests that
         arrived while it was decoding (a burst: they are decoding now, or queued) make it skip
         the run and join their batch instead, so a burst is not split into 1 + the rest."""
-        images, seconds = 0, 0.0
-        try:
-            decoded, packed, seconds = await asyncio.get_running_loop().run_in_executor(
-                self._decoders, functools.partial(
-                    _decode_then_run, payloads, card.preprocessing, self.limits, lone.run,
-                    lambda: self.decoding == 0 and lone.alone()))
-            images = 0 if packed is None else len(decoded.positions)
-        finally:
-            lone.release(images, seconds)
+        work = asyncio.get_running_loop().run_in_executor(
+            self._decoders, functools.partial(
+                _decode_then_run, payloads, card.preprocessing, self.limits, lone.run,
+                lambda: self.decoding == 0 and lone.alone()))
+        # the slot is freed when the thread is done, even if this request is cancelled first
+        work.add_done_callback(functools.partial(_release_when_done, lone))
+        decoded, packed, _ = await asyncio.shield(work)
         if packed is None and decoded.positions:  # others came meanwhile: batch with them
             outputs = await self.encode_arrays(decoded.arrays, card)
         else:

@@ -382,3 +382,53 @@ def test_a_lone_request_runs_on_its_decode_thread_and_answers_as_a_batch_would(
     for a, b in zip(lone, batched):
         np.testing.assert_allclose(a.outputs["embedding"], b.outputs["embedding"],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_cancelled_lone_request_frees_its_slot_only_when_its_thread_is_done(published,
+                                                                              data_dir):
+    """A client gone mid-request cancels the lone request's task; the model run on its decode
+    thread goes on, and the run slot stays counted until that run ends (no third run slips
+    in beside two), then is freed and observed."""
+    from cnn_codes.settings import Settings
+    from models.card import OUTPUT_NAMES, ModelCard
+    from service.pipeline import InferencePipeline
+    from service.served import ModelHolder
+
+    card = ModelCard.model_validate_json((published["path"] / "model_card.json").read_text())
+    width = sum(card.dim(name) for name in OUTPUT_NAMES)
+    finished = threading.Event()
+    observed: list[int] = []
+
+    def slow_model(batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.4)
+        finished.set()
+        return np.zeros((len(batch), width), dtype=np.float32)
+
+    batcher = AdaptiveBatcher(slow_model, max_batch_size=8, max_wait_s=0.0, runs=2,
+                              observe=lambda n, s: observed.append(n))
+
+    async def never(batch):  # the lone path must not use the batcher's submit
+        raise AssertionError("submitted")
+
+    pipeline = InferencePipeline(ModelHolder(card), Settings(decode_threads=1), never,
+                                 claim_lone=batcher.claim_lone)
+    photo = sorted((data_dir / "val" / "ants").glob("*.jpg"))[0].read_bytes()
+
+    async def main() -> None:
+        task = asyncio.ensure_future(pipeline.run([photo], endpoint="embed"))
+        await asyncio.sleep(0.15)  # decoded, and the slow run has started
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not finished.is_set() and batcher._held == 1  # still running: still counted
+        while not finished.is_set():
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)  # the thread's result reaches the loop
+        assert batcher._held == 0 and batcher._running == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        pipeline.close()
+        batcher.close()
+    assert observed == [1]
