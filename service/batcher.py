@@ -36,8 +36,9 @@ nothing queued, forming or running, a request of one image would go decode threa
 the ``run`` session itself, right after decoding, on the decode thread, unless other requests
 arrived while it decoded (:attr:`LoneSlot.alone`; then it joins their batch, so a burst at c=8
 is not split into 1 + 7). The slot is counted like any batch's (a batch that starts meanwhile
-runs beside it, on ``run_beside``) and the run is observed like a batch of one. Measured at concurrency 1 (README "Performance", "A lone request
-on its decode thread"): about 0.5 ms less per request outside decode and onnxruntime.
+runs beside it, on ``run_beside``) and the run is observed like a batch of one. Measured at
+concurrency 1 (README "Performance", "A lone request on its decode thread"): about 0.5 ms less
+per request outside decode and onnxruntime.
 
 Why not BentoML's own dispatcher: it lives in a separate Encoder process behind an aiohttp call
 with pickle-5 bodies (see ``service.encoder``); measured on 2 cores (``make bench``, README

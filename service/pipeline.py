@@ -21,8 +21,8 @@ import numpy as np
 from cnn_codes.settings import Settings
 from models.card import ModelCard
 from models.decode import DecodedBatch, DecodeLimits, decode_batch
-from models.preprocessing import PreprocessSpec
 from models.errors import RequestError
+from models.preprocessing import PreprocessSpec
 from models.runtime import split_outputs
 from service import metrics
 
@@ -66,14 +66,21 @@ def _observe_decode(code: str | None, seconds: float) -> None:
         metrics.DECODE_ERRORS.labels(code=code).inc()
 
 
+def _decode(payloads: Sequence[bytes | Path], spec: PreprocessSpec, limits: DecodeLimits
+            ) -> DecodedBatch:
+    """On a decode thread: every payload decoded on its own (:func:`models.decode.
+    decode_batch`), timed and its errors counted in the decode metrics."""
+    return decode_batch(payloads, spec, limits, observe=_observe_decode)
+
+
 def _decode_then_run(payloads: Sequence[bytes | Path], spec: PreprocessSpec,
                      limits: DecodeLimits, run: Callable[[np.ndarray], np.ndarray],
                      still_alone: Callable[[], bool]
                      ) -> tuple[DecodedBatch, np.ndarray | None, float]:
-    """On a decode thread: decode ``payloads``, then, if ``still_alone()``, ``run`` the
+    """On a decode thread: :func:`_decode`, then, if ``still_alone()``, ``run`` the
     decodable ones, ``(n, S, S, 3)`` uint8 -> ``(n, K + D + C)`` float32; returns ``(decoded,
     outputs or None when none decoded or not run, seconds the run took)``."""
-    decoded = decode_batch(payloads, spec, limits, observe=_observe_decode)
+    decoded = _decode(payloads, spec, limits)
     if not decoded.positions or not still_alone():
         return decoded, None, 0.0
     started = time.perf_counter()
@@ -173,28 +180,34 @@ class InferencePipeline:
         self.check_count(len(payloads))
         card = self.card
         metrics.REQUEST_IMAGES.labels(endpoint=endpoint).observe(len(payloads))
-        if self._claim_lone is not None and len(payloads) == 1 and self.decoding == 0:
-            lone = await self._claim_lone()
-            if lone is not None:
-                return await self._run_lone(lone, payloads, card, endpoint, protocol)
-        self.decoding += len(payloads)
-        try:
-            decoded = await asyncio.get_running_loop().run_in_executor(
-                self._decoders, functools.partial(decode_batch, payloads, card.preprocessing,
-                                                  self.limits, observe=_observe_decode))
-        finally:
-            self.decoding -= len(payloads)
-        outputs = await self.encode_arrays(decoded.arrays, card) if decoded.positions else None
+        lone = (await self._claim_lone() if self._claim_lone is not None
+                and len(payloads) == 1 and self.decoding == 0 else None)
+        packed = None
+        if lone is not None:
+            decoded, packed = await self._decode_lone(lone, payloads, card)
+        else:
+            self.decoding += len(payloads)
+            try:
+                decoded = await asyncio.get_running_loop().run_in_executor(
+                    self._decoders, _decode, payloads, card.preprocessing, self.limits)
+            finally:
+                self.decoding -= len(payloads)
+        if packed is not None:
+            outputs = split_outputs(packed, card)
+        else:  # through the batcher (also a lone request that others joined meanwhile)
+            outputs = (await self.encode_arrays(decoded.arrays, card) if decoded.positions
+                       else None)
         self.count(endpoint, protocol, ok=len(decoded.positions), failed=len(decoded.errors))
         return PipelineResult(card=card, decoded=decoded, outputs=outputs)
 
-    async def _run_lone(self, lone: "LoneSlot", payloads: Sequence[bytes | Path],
-                        card: ModelCard, endpoint: str, protocol: str) -> PipelineResult:
-        """:meth:`run` of a request alone: decode and model run on one decode thread, in the
-        run slot ``lone`` holds (released when the thread is done, run or not, failed or
-        not, and even when this request is cancelled before that). Requests that
-        arrived while it was decoding (a burst: they are decoding now, or queued) make it skip
-        the run and join their batch instead, so a burst is not split into 1 + the rest."""
+    async def _decode_lone(self, lone: "LoneSlot", payloads: Sequence[bytes | Path],
+                           card: ModelCard) -> tuple[DecodedBatch, np.ndarray | None]:
+        """A request alone: decode and model run on one decode thread, in the run slot
+        ``lone`` holds (released when the thread is done, run or not, failed or not, and even
+        when this request is cancelled before that). Returns ``(decoded, (n, K + D + C)
+        float32 outputs)``, or ``(decoded, None)`` when nothing decoded or requests arrived
+        while it was decoding (a burst: they are decoding now, or queued), so that it joins
+        their batch instead of splitting the burst into 1 + the rest."""
         work = asyncio.get_running_loop().run_in_executor(
             self._decoders, functools.partial(
                 _decode_then_run, payloads, card.preprocessing, self.limits, lone.run,
@@ -202,12 +215,7 @@ class InferencePipeline:
         # the slot is freed when the thread is done, even if this request is cancelled first
         work.add_done_callback(functools.partial(_release_when_done, lone))
         decoded, packed, _ = await asyncio.shield(work)
-        if packed is None and decoded.positions:  # others came meanwhile: batch with them
-            outputs = await self.encode_arrays(decoded.arrays, card)
-        else:
-            outputs = split_outputs(packed, card) if packed is not None else None
-        self.count(endpoint, protocol, ok=len(decoded.positions), failed=len(decoded.errors))
-        return PipelineResult(card=card, decoded=decoded, outputs=outputs)
+        return decoded, packed
 
     def close(self) -> None:
         """Stop the decode threads (decodes in progress finish first)."""
